@@ -1,0 +1,1 @@
+"""Seat leases (Team, MemberLease, LeaseEvent, RedemptionCode) arrive with the lease-engine issue."""

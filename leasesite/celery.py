@@ -1,0 +1,25 @@
+"""The Celery application, configured from Django settings (``CELERY_`` namespace)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "leasesite.settings")
+
+app = Celery("leasesite")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+@app.on_after_configure.connect
+def _prepare_embedded_broker(sender: Celery, **kwargs: object) -> None:
+    """The filesystem broker needs its folders before the first message."""
+    from django.conf import settings
+
+    options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {})
+    for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+        folder = options.get(key)
+        if folder:
+            os.makedirs(folder, exist_ok=True)

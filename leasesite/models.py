@@ -1,0 +1,22 @@
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+class JobLock(models.Model):
+    """A named lease on a periodic job, visible to every process through the database.
+
+    Held by one owner until ``expires_at``; an owner that dies stops renewing it and the lock
+    frees itself. See ``leasesite.locks``.
+    """
+
+    name = models.CharField(_("name"), max_length=100, primary_key=True)
+    owner = models.CharField(_("owner"), max_length=64)
+    acquired_at = models.DateTimeField(_("acquired at"))
+    expires_at = models.DateTimeField(_("expires at"))
+
+    class Meta:
+        verbose_name = _("job lock")
+        verbose_name_plural = _("job locks")
+
+    def __str__(self) -> str:
+        return self.name

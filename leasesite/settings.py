@@ -1,0 +1,225 @@
+"""The one settings module. Everything comes from the environment (see README, DESIGN §2)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import warnings
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_lazy as _
+
+from leasesite.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    parse_database_url,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("LEASESITE_VAR_DIR", str(BASE_DIR / "var")))
+
+# --- Django basics -------------------------------------------------------------------------
+DEBUG = env_bool("DJANGO_DEBUG", True)
+_DEV_SECRET_KEY = "django-insecure-leasesite-dev-only-key"
+SECRET_KEY = env_str("DJANGO_SECRET_KEY") or _DEV_SECRET_KEY
+if not DEBUG and (SECRET_KEY == _DEV_SECRET_KEY or len(SECRET_KEY) < 32):
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY must be set to a random value of at least 32 characters when "
+        "DJANGO_DEBUG is off"
+    )
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_beat",
+    "leasesite",
+    "tokens",
+    "leases",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+try:  # whitenoise is a production dependency; the embedded run serves static files itself.
+    import whitenoise  # noqa: F401
+
+    MIDDLEWARE.insert(1, "whitenoise.middleware.WhiteNoiseMiddleware")
+except ImportError:  # pragma: no cover - depends on the installed extras
+    pass
+
+ROOT_URLCONF = "leasesite.urls"
+WSGI_APPLICATION = "leasesite.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "leasesite" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+if not env_str("DATABASE_URL"):
+    VAR_DIR.mkdir(parents=True, exist_ok=True)  # the embedded default lives under var/
+DATABASES = {
+    "default": parse_database_url(
+        env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}", base_dir=BASE_DIR
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+# --- Language and time ------------------------------------------------------------------------
+LANGUAGE_CODE = env_str("DJANGO_LANGUAGE_CODE", "zh-hans") or "zh-hans"
+LANGUAGES = [("zh-hans", _("Simplified Chinese")), ("en", _("English"))]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = env_str("DJANGO_TIME_ZONE", "Asia/Shanghai") or "Asia/Shanghai"
+USE_I18N = True
+USE_TZ = True  # data is stored in UTC; TIME_ZONE is for display and beat's crontabs
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+if not DEBUG:
+    SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", True)
+    CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    X_FRAME_OPTIONS = "DENY"
+    if env_bool("DJANGO_BEHIND_TLS_PROXY", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# --- Secrets at rest ------------------------------------------------------------------------------
+TOKEN_ENCRYPTION_KEYS = env_list("TOKEN_ENCRYPTION_KEYS")
+if not TOKEN_ENCRYPTION_KEYS:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "TOKEN_ENCRYPTION_KEYS is required when DJANGO_DEBUG is off. Generate one with: "
+            "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+        )
+    warnings.warn(
+        "TOKEN_ENCRYPTION_KEYS is not set: using a development key derived from "
+        "DJANGO_SECRET_KEY. Set real Fernet keys before storing real tokens.",
+        RuntimeWarning,
+        stacklevel=1,
+    )
+    TOKEN_ENCRYPTION_KEYS = [
+        base64.urlsafe_b64encode(
+            hashlib.sha256(f"leasesite-dev-token-key:{SECRET_KEY}".encode()).digest()
+        ).decode()
+    ]
+# The keyed hash that makes "the same token twice" detectable without decrypting every row.
+# It must outlive encryption-key rotation, so it has its own (optional) key.
+TOKEN_FINGERPRINT_KEY = env_str("TOKEN_FINGERPRINT_KEY") or hashlib.sha256(
+    f"leasesite-token-fingerprint:{SECRET_KEY}".encode()
+).hexdigest()
+
+# --- Redis, Celery, beat ----------------------------------------------------------------------
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"
+REDIS_URL = env_str("REDIS_URL") or (
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else ""
+)
+BROKER_DIR = VAR_DIR / "broker"
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(BROKER_DIR / "queue"),
+        "data_folder_out": str(BROKER_DIR / "queue"),
+        "processed_folder": str(BROKER_DIR / "processed"),
+        "store_processed": False,
+        "control_folder": str(BROKER_DIR / "control"),
+    }
+else:
+    # Longer than the longest task time limit, so Redis does not redeliver a running task.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 4 * 3600}
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "celery") or "celery"
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_ENABLE_UTC = True
+CELERY_TASK_ACKS_LATE = True  # every task is idempotent, so redelivery after a crash is safe
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 3 * 3600, minimum=1)
+CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 300
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Keep Django's LOGGING (and its secret-scrubbing filter) in worker and beat processes.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+DJANGO_CELERY_BEAT_TZ_AWARE = True
+
+# --- 报名工具 API ------------------------------------------------------------------------------
+BAOMING_API_BASE = (
+    env_str("BAOMING_API_BASE", "https://api-xcx-qunsou.weiyoubot.cn")
+    or "https://api-xcx-qunsou.weiyoubot.cn"
+).rstrip("/")
+BAOMING_PROBE_EID = env_str("BAOMING_PROBE_EID")
+BAOMING_RATE_LIMIT = env_float("BAOMING_RATE_LIMIT", 1.0, minimum=0, exclusive_minimum=True)
+BAOMING_CONCURRENCY = env_int("BAOMING_CONCURRENCY", 8, minimum=1)
+BAOMING_TIMEOUT = env_float("BAOMING_TIMEOUT", 10.0, minimum=0, exclusive_minimum=True)
+# How often one token is retried within a run after a rate-limit answer.
+BAOMING_RATE_LIMIT_RETRIES = env_int("BAOMING_RATE_LIMIT_RETRIES", 3, minimum=0)
+# Tokens per fan-out batch task (one batch is one task on one worker).
+BAOMING_BATCH_SIZE = env_int("BAOMING_BATCH_SIZE", 200, minimum=1)
+# Circuit breaker: a run whose answers say "invalid" more than this share (with at least
+# BAOMING_BREAKER_MIN_ANSWERS answers) deletes nothing and alerts.
+BAOMING_BREAKER_THRESHOLD = env_float("BAOMING_BREAKER_THRESHOLD", 0.5, minimum=0)
+BAOMING_BREAKER_MIN_ANSWERS = env_int("BAOMING_BREAKER_MIN_ANSWERS", 20, minimum=1)
+# A refresh run's lock expires if its owner stops renewing it (crash) for this long.
+BAOMING_RUN_LOCK_TTL = env_int("BAOMING_RUN_LOCK_TTL", 600, minimum=10)
+
+# --- Alerts -----------------------------------------------------------------------------------------
+NOTIFY_URLS = env_list("NOTIFY_URLS")
+
+# --- Logging ----------------------------------------------------------------------------------------
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper() or "INFO"
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"scrub_secrets": {"()": "leasesite.log_filters.SecretScrubFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["scrub_secrets"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # urllib3 logs full request URLs (with access_token) at DEBUG: keep it quiet.
+        "urllib3": {"level": "WARNING"},
+        "django.db.backends": {"level": "INFO"},
+    },
+}

@@ -1,0 +1,203 @@
+"""The operator console for tokens: masked tokens, filters, "refresh now", audited deletion."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django import forms
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from leasesite.crypto import fingerprint_secret
+from tokens.models import BaomingToken, RefreshRun, RunTrigger, TokenDeletion
+from tokens.selectors import tokens_last_activity
+from tokens.services.refresh import REFRESH_LOCK_NAME
+from tokens.services.tokens import TOKEN_PATTERN, tokens_delete_by_operator
+
+
+class LastUsedFilter(admin.SimpleListFilter):
+    title = _("last used")
+    parameter_name = "age"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [
+            ("7", _("within 7 days")),
+            ("30", _("7 to 30 days ago")),
+            ("old", _("more than 30 days ago")),
+            ("never", _("never used")),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        now = timezone.now()
+        week, month = now - timedelta(days=7), now - timedelta(days=30)
+        activity = queryset.alias(activity=tokens_last_activity())
+        match self.value():
+            case "7":
+                return activity.filter(activity__gte=week)
+            case "30":
+                return activity.filter(activity__lt=week, activity__gte=month)
+            case "old":
+                return activity.filter(activity__lt=month)
+            case "never":
+                return queryset.filter(last_used__isnull=True)
+        return queryset
+
+
+class FailureFilter(admin.SimpleListFilter):
+    title = _("consecutive failures")
+    parameter_name = "failures"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("0", _("none")), ("1", _("1 to 2")), ("3", _("3 or more"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        match self.value():
+            case "0":
+                return queryset.filter(consecutive_failures=0)
+            case "1":
+                return queryset.filter(consecutive_failures__gte=1, consecutive_failures__lte=2)
+            case "3":
+                return queryset.filter(consecutive_failures__gte=3)
+        return queryset
+
+
+class BaomingTokenForm(forms.ModelForm):
+    token = forms.CharField(
+        label=_("token"),
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+        help_text=_("32 hexadecimal characters. Stored encrypted; leave empty to keep the current token."),
+    )
+
+    class Meta:
+        model = BaomingToken
+        fields = ["card_name", "user_name", "token"]
+
+    def clean_token(self) -> str:
+        value = (self.cleaned_data.get("token") or "").strip().lower()
+        if not value:
+            if self.instance.pk:
+                return self.instance.token
+            raise forms.ValidationError(_("A token is required."))
+        if not TOKEN_PATTERN.fullmatch(value):
+            raise forms.ValidationError(_("A token is 32 hexadecimal characters."))
+        duplicate = BaomingToken.objects.filter(fingerprint=fingerprint_secret(value))
+        if self.instance.pk:
+            duplicate = duplicate.exclude(pk=self.instance.pk)
+        if duplicate.exists():
+            raise forms.ValidationError(_("This token is already stored."))
+        return value
+
+
+@admin.register(BaomingToken)
+class BaomingTokenAdmin(admin.ModelAdmin):
+    form = BaomingTokenForm
+    list_display = (
+        "card_name", "user_name", "masked_token_display", "last_used", "last_checked_at",
+        "consecutive_failures", "created_at",
+    )
+    list_filter = (LastUsedFilter, FailureFilter)
+    search_fields = ("card_name", "user_name")
+    ordering = ("card_name", "id")
+    readonly_fields = ("masked_token_display", "created_at", "last_used", "last_checked_at",
+                       "consecutive_failures", "last_error")
+    actions = ["refresh_now", "delete_with_audit"]
+    list_per_page = 100
+    show_full_result_count = False
+
+    @admin.display(description=_("token"))
+    def masked_token_display(self, obj: BaomingToken) -> str:
+        return obj.masked_token
+
+    def get_fields(self, request: HttpRequest, obj: BaomingToken | None = None) -> list[str]:
+        fields = ["card_name", "user_name", "token"]
+        if obj is not None:
+            fields += ["masked_token_display", "created_at", "last_used", "last_checked_at",
+                       "consecutive_failures", "last_error"]
+        return fields
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):  # noqa: ANN201
+        """A full token pasted in the search box finds its row (through the fingerprint)."""
+        term = search_term.strip().lower()
+        if TOKEN_PATTERN.fullmatch(term):
+            return queryset.filter(fingerprint=fingerprint_secret(term)), False
+        return super().get_search_results(request, queryset, search_term)
+
+    def get_actions(self, request: HttpRequest) -> dict:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # replaced by the audited deletion below
+        return actions
+
+    @admin.action(description=_("Refresh selected tokens now"), permissions=["change"])
+    def refresh_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        from leasesite.locks import lock_holder
+        from tokens.tasks import refresh_tokens
+
+        if lock_holder(name=REFRESH_LOCK_NAME) is not None:
+            self.message_user(request, _("A refresh run is in progress; try again when it has finished."),
+                              messages.WARNING)
+            return
+        token_ids = list(queryset.values_list("id", flat=True))
+        transaction.on_commit(
+            lambda: refresh_tokens.delay(max_age_days=None, trigger=RunTrigger.ADMIN, token_ids=token_ids)
+        )
+        self.message_user(
+            request,
+            ngettext(
+                "Refresh of %(count)d token queued; its result appears under refresh runs.",
+                "Refresh of %(count)d tokens queued; their results appear under refresh runs.",
+                len(token_ids),
+            ) % {"count": len(token_ids)},
+            messages.SUCCESS,
+        )
+
+    @admin.action(description=_("Delete selected tokens (with audit record)"), permissions=["delete"])
+    def delete_with_audit(self, request: HttpRequest, queryset: QuerySet) -> None:
+        deleted = tokens_delete_by_operator(token_ids=list(queryset.values_list("id", flat=True)), actor=request.user)
+        self.message_user(
+            request,
+            ngettext("%(count)d token deleted.", "%(count)d tokens deleted.", deleted) % {"count": deleted},
+            messages.SUCCESS,
+        )
+
+    def delete_model(self, request: HttpRequest, obj: BaomingToken) -> None:
+        tokens_delete_by_operator(token_ids=[obj.pk], actor=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        tokens_delete_by_operator(token_ids=list(queryset.values_list("id", flat=True)), actor=request.user)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(RefreshRun)
+class RefreshRunAdmin(ReadOnlyAdmin):
+    list_display = ("id", "kind", "trigger", "status", "dry_run", "started_at", "duration_seconds", "planned",
+                    "total", "ok", "failed", "invalid", "deleted", "rate_limited", "breaker_tripped")
+    list_filter = ("kind", "status", "trigger", "breaker_tripped", "dry_run")
+    date_hierarchy = "started_at"
+    exclude = ("lock_owner",)
+
+
+@admin.register(TokenDeletion)
+class TokenDeletionAdmin(ReadOnlyAdmin):
+    list_display = ("deleted_at", "card_name", "user_name", "token_masked", "reason", "detail", "run", "actor")
+    list_filter = ("reason",)
+    search_fields = ("card_name", "user_name")
+    list_select_related = ("run", "actor")
+    raw_id_fields = ("run", "actor")
+    date_hierarchy = "deleted_at"

@@ -1,0 +1,199 @@
+"""Data of the 报名工具 token keep-alive: tokens, runs, fan-out batches, deletion audit."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from leasesite.crypto import mask_secret
+from leasesite.fields import EncryptedTextField, FingerprintField
+
+
+class RunKind(models.TextChoices):
+    REFRESH = "refresh", _("refresh")
+    CLEANUP = "cleanup", _("cleanup")
+
+
+class RunTrigger(models.TextChoices):
+    BEAT = "beat", _("beat")
+    COMMAND = "command", _("command")
+    ADMIN = "admin", _("admin")
+
+
+class RunStatus(models.TextChoices):
+    RUNNING = "running", _("running")
+    FINALIZING = "finalizing", _("finalizing")
+    SUCCEEDED = "succeeded", _("succeeded")
+    TRIPPED = "tripped", _("circuit breaker tripped")
+    FAILED = "failed", _("failed")
+    ABANDONED = "abandoned", _("abandoned")
+
+
+FINAL_RUN_STATUSES = (RunStatus.SUCCEEDED, RunStatus.TRIPPED, RunStatus.FAILED, RunStatus.ABANDONED)
+
+
+class RefreshRun(models.Model):
+    """One refresh or cleanup run with its statistics (the old tool's statistics block)."""
+
+    kind = models.CharField(_("kind"), max_length=16, choices=RunKind.choices, default=RunKind.REFRESH)
+    trigger = models.CharField(_("trigger"), max_length=16, choices=RunTrigger.choices)
+    status = models.CharField(
+        _("status"), max_length=16, choices=RunStatus.choices, default=RunStatus.RUNNING, db_index=True
+    )
+    dry_run = models.BooleanField(_("dry run"), default=False)
+    max_age_days = models.PositiveIntegerField(_("max age (days)"), null=True, blank=True)
+    cleanup_days = models.PositiveIntegerField(_("cleanup after (days)"), null=True, blank=True)
+    started_at = models.DateTimeField(_("started at"), default=timezone.now, db_index=True)
+    ended_at = models.DateTimeField(_("ended at"), null=True, blank=True)
+    duration_seconds = models.FloatField(_("duration (s)"), null=True, blank=True)
+    planned = models.PositiveIntegerField(_("selected"), default=0)
+    total = models.PositiveIntegerField(_("total"), default=0)
+    ok = models.PositiveIntegerField(_("ok"), default=0)
+    failed = models.PositiveIntegerField(_("failed"), default=0)
+    invalid = models.PositiveIntegerField(_("invalid"), default=0)
+    deleted = models.PositiveIntegerField(_("deleted"), default=0)
+    rate_limited = models.PositiveIntegerField(_("rate limited"), default=0)
+    batch_size = models.PositiveIntegerField(_("batch size"), default=0)
+    batches_total = models.PositiveIntegerField(_("batches"), default=0)
+    batches_done = models.PositiveIntegerField(_("batches done"), default=0)
+    breaker_tripped = models.BooleanField(_("circuit breaker tripped"), default=False)
+    lock_owner = models.CharField(_("lock owner"), max_length=64, blank=True)
+    error = models.TextField(_("error"), blank=True)
+
+    class Meta:
+        verbose_name = _("refresh run")
+        verbose_name_plural = _("refresh runs")
+        ordering = ["-started_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(batches_done__lte=models.F("batches_total")),
+                name="refreshrun_batches_done_lte_total",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(deleted__lte=models.F("total")),
+                name="refreshrun_deleted_lte_total",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} #{self.pk} ({self.get_status_display()})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_RUN_STATUSES
+
+
+class BaomingToken(models.Model):
+    """An access token of the 报名工具 mini program. ``token`` is encrypted in the column."""
+
+    card_name = models.CharField(_("card name (名片)"), max_length=100)
+    user_name = models.CharField(_("user name"), max_length=100, blank=True)
+    token = EncryptedTextField(_("token"))
+    fingerprint = FingerprintField(_("fingerprint"), source="token", unique=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
+    last_used = models.DateTimeField(_("last used"), null=True, blank=True)
+    last_checked_at = models.DateTimeField(_("last checked at"), null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(_("consecutive failures"), default=0)
+    last_error = models.CharField(_("last error"), max_length=500, blank=True)
+    # Set when a run got an "invalid" answer; the run deletes flagged tokens when it ends,
+    # unless its circuit breaker tripped.
+    invalid_in_run = models.ForeignKey(
+        RefreshRun,
+        verbose_name=_("answered invalid in run"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
+
+    class Meta:
+        verbose_name = _("报名工具 token")
+        verbose_name_plural = _("报名工具 tokens")
+        ordering = ["card_name", "id"]
+        indexes = [
+            models.Index(fields=["last_checked_at", "id"], name="token_check_order_idx"),
+            models.Index(fields=["last_used"], name="token_last_used_idx"),
+            models.Index(fields=["created_at"], name="token_created_at_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=~models.Q(fingerprint=""), name="token_fingerprint_set"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.card_name} / {self.user_name or '-'} ({self.masked_token})"
+
+    @property
+    def masked_token(self) -> str:
+        return mask_secret(self.token)
+
+
+class BatchStatus(models.TextChoices):
+    PENDING = "pending", _("pending")
+    DONE = "done", _("done")
+
+
+class RefreshBatch(models.Model):
+    """A slice of a run's tokens checked by one task; lets a run fan out over many workers."""
+
+    run = models.ForeignKey(RefreshRun, on_delete=models.CASCADE, related_name="batches")
+    number = models.PositiveIntegerField()
+    token_ids = models.JSONField(default=list)
+    status = models.CharField(max_length=16, choices=BatchStatus.choices, default=BatchStatus.PENDING)
+
+    class Meta:
+        verbose_name = _("refresh batch")
+        verbose_name_plural = _("refresh batches")
+        constraints = [
+            models.UniqueConstraint(fields=["run", "number"], name="refreshbatch_unique_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} batch {self.number}"
+
+
+class DeletionReason(models.TextChoices):
+    INVALID = "invalid", _("invalid token")
+    STALE = "stale", _("unused too long")
+    ADMIN = "admin", _("deleted by operator")
+
+
+class TokenDeletion(models.Model):
+    """Append-only audit record of a deleted token (never the plaintext)."""
+
+    token_pk = models.BigIntegerField(_("token id"))
+    card_name = models.CharField(_("card name (名片)"), max_length=100)
+    user_name = models.CharField(_("user name"), max_length=100, blank=True)
+    token_masked = models.CharField(_("token (masked)"), max_length=16)
+    fingerprint = models.CharField(_("fingerprint"), max_length=64, db_index=True)
+    reason = models.CharField(_("reason"), max_length=16, choices=DeletionReason.choices)
+    detail = models.CharField(_("detail"), max_length=500, blank=True)
+    token_created_at = models.DateTimeField(_("token created at"), null=True)
+    token_last_used = models.DateTimeField(_("token last used"), null=True)
+    run = models.ForeignKey(
+        RefreshRun,
+        verbose_name=_("run"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="deletions",
+    )
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("actor"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    deleted_at = models.DateTimeField(_("deleted at"), default=timezone.now, editable=False, db_index=True)
+
+    class Meta:
+        verbose_name = _("token deletion")
+        verbose_name_plural = _("token deletions")
+        ordering = ["-deleted_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.card_name} ({self.token_masked}) – {self.get_reason_display()}"
