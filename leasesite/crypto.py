@@ -41,9 +41,7 @@ def decrypt_secret(ciphertext: str) -> str:
     try:
         return get_fernet().decrypt(ciphertext.encode()).decode()
     except InvalidToken:
-        raise SecretDecryptionError(
-            "stored secret cannot be decrypted with any key in TOKEN_ENCRYPTION_KEYS"
-        ) from None
+        raise SecretDecryptionError("stored secret cannot be decrypted with any key in TOKEN_ENCRYPTION_KEYS") from None
 
 
 def reencrypt_secret(ciphertext: str) -> str:
@@ -51,9 +49,7 @@ def reencrypt_secret(ciphertext: str) -> str:
     try:
         return get_fernet().rotate(ciphertext.encode()).decode()
     except InvalidToken:
-        raise SecretDecryptionError(
-            "stored secret cannot be decrypted with any key in TOKEN_ENCRYPTION_KEYS"
-        ) from None
+        raise SecretDecryptionError("stored secret cannot be decrypted with any key in TOKEN_ENCRYPTION_KEYS") from None
 
 
 def is_current_key(ciphertext: str) -> bool:

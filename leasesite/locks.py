@@ -27,9 +27,7 @@ def lock_acquire(*, name: str, owner: str, ttl_seconds: int) -> bool:
                 return True
             try:
                 with transaction.atomic():
-                    JobLock.objects.create(
-                        name=name, owner=owner, acquired_at=now, expires_at=expires_at
-                    )
+                    JobLock.objects.create(name=name, owner=owner, acquired_at=now, expires_at=expires_at)
             except IntegrityError:
                 return False
             return True

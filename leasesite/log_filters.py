@@ -13,7 +13,7 @@ _HEX_TOKEN = re.compile(r"(?<![0-9a-fA-F])[0-9a-f]{32}(?![0-9a-fA-F])")
 
 
 def scrub_secrets(text: str) -> str:
-    text = _QUERY_TOKEN.sub(lambda m: m.group(1) + mask_secret(m.group(2)), text)
+    text = _QUERY_TOKEN.sub(lambda m: m.group(0) if "…" in m.group(2) else m.group(1) + mask_secret(m.group(2)), text)
     return _HEX_TOKEN.sub(lambda m: mask_secret(m.group(0)), text)
 
 

@@ -30,7 +30,7 @@ def alert_send(*, title: str, body: str, level: str = "warning") -> bool:
             notifier.add(url)
         notify_type = apprise.NotifyType.FAILURE if level == "error" else apprise.NotifyType.WARNING
         delivered = bool(notifier.notify(title=title, body=body, notify_type=notify_type))
-    except Exception:  # noqa: BLE001 - an alert must never break the job that raised it
+    except Exception:
         logger.exception("alert delivery failed")
         return False
     if not delivered:

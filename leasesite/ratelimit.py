@@ -88,7 +88,7 @@ class LocalRateLimiter:
 
 
 class RedisRateLimiter:
-    def __init__(self, redis_client, key: str, rate: float) -> None:  # noqa: ANN001 - redis.Redis
+    def __init__(self, redis_client, key: str, rate: float) -> None:
         self.rate = rate
         self._interval_us = int(1_000_000 / rate)
         self._key = key

@@ -24,12 +24,11 @@ VAR_DIR = Path(env_str("LEASESITE_VAR_DIR", str(BASE_DIR / "var")))
 
 # --- Django basics -------------------------------------------------------------------------
 DEBUG = env_bool("DJANGO_DEBUG", True)
-_DEV_SECRET_KEY = "django-insecure-leasesite-dev-only-key"
+_DEV_SECRET_KEY = "django-insecure-leasesite-dev-only-key"  # noqa: S105 - refused when DEBUG is off
 SECRET_KEY = env_str("DJANGO_SECRET_KEY") or _DEV_SECRET_KEY
 if not DEBUG and (SECRET_KEY == _DEV_SECRET_KEY or len(SECRET_KEY) < 32):
     raise ImproperlyConfigured(
-        "DJANGO_SECRET_KEY must be set to a random value of at least 32 characters when "
-        "DJANGO_DEBUG is off"
+        "DJANGO_SECRET_KEY must be set to a random value of at least 32 characters when DJANGO_DEBUG is off"
     )
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
@@ -57,12 +56,10 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
-try:  # whitenoise is a production dependency; the embedded run serves static files itself.
-    import whitenoise  # noqa: F401
-
+if not DEBUG:
+    # Production serves collected static files through whitenoise (requirements/prod.txt);
+    # with DEBUG on, runserver's staticfiles app does it.
     MIDDLEWARE.insert(1, "whitenoise.middleware.WhiteNoiseMiddleware")
-except ImportError:  # pragma: no cover - depends on the installed extras
-    pass
 
 ROOT_URLCONF = "leasesite.urls"
 WSGI_APPLICATION = "leasesite.wsgi.application"
@@ -84,9 +81,7 @@ TEMPLATES = [
 if not env_str("DATABASE_URL"):
     VAR_DIR.mkdir(parents=True, exist_ok=True)  # the embedded default lives under var/
 DATABASES = {
-    "default": parse_database_url(
-        env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}", base_dir=BASE_DIR
-    )
+    "default": parse_database_url(env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}", base_dir=BASE_DIR)
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -130,15 +125,13 @@ if not TOKEN_ENCRYPTION_KEYS:
         stacklevel=1,
     )
     TOKEN_ENCRYPTION_KEYS = [
-        base64.urlsafe_b64encode(
-            hashlib.sha256(f"leasesite-dev-token-key:{SECRET_KEY}".encode()).digest()
-        ).decode()
+        base64.urlsafe_b64encode(hashlib.sha256(f"leasesite-dev-token-key:{SECRET_KEY}".encode()).digest()).decode()
     ]
 # The keyed hash that makes "the same token twice" detectable without decrypting every row.
 # It must outlive encryption-key rotation, so it has its own (optional) key.
-TOKEN_FINGERPRINT_KEY = env_str("TOKEN_FINGERPRINT_KEY") or hashlib.sha256(
-    f"leasesite-token-fingerprint:{SECRET_KEY}".encode()
-).hexdigest()
+TOKEN_FINGERPRINT_KEY = (
+    env_str("TOKEN_FINGERPRINT_KEY") or hashlib.sha256(f"leasesite-token-fingerprint:{SECRET_KEY}".encode()).hexdigest()
+)
 
 # --- Redis, Celery, beat ----------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"
@@ -179,8 +172,7 @@ DJANGO_CELERY_BEAT_TZ_AWARE = True
 
 # --- 报名工具 API ------------------------------------------------------------------------------
 BAOMING_API_BASE = (
-    env_str("BAOMING_API_BASE", "https://api-xcx-qunsou.weiyoubot.cn")
-    or "https://api-xcx-qunsou.weiyoubot.cn"
+    env_str("BAOMING_API_BASE", "https://api-xcx-qunsou.weiyoubot.cn") or "https://api-xcx-qunsou.weiyoubot.cn"
 ).rstrip("/")
 BAOMING_PROBE_EID = env_str("BAOMING_PROBE_EID")
 BAOMING_RATE_LIMIT = env_float("BAOMING_RATE_LIMIT", 1.0, minimum=0, exclusive_minimum=True)

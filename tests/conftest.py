@@ -38,8 +38,9 @@ class Upstream:
     def handle(self, request: Request) -> Response:
         token = request.args.get("access_token", "")
         with self._lock:
-            self.requests.append({"token": token, "args": dict(request.args), "at": time.monotonic(),
-                                  "path": request.path})
+            self.requests.append(
+                {"token": token, "args": dict(request.args), "at": time.monotonic(), "path": request.path}
+            )
             answer = self.answers.get(token, ok)
             if isinstance(answer, list):
                 answer = answer.pop(0) if len(answer) > 1 else answer[0]
@@ -50,8 +51,9 @@ class Upstream:
 
 
 def json_answer(payload: object, status: int = 200, headers: dict | None = None) -> Callable[[], Response]:
-    return lambda: Response(json.dumps(payload, ensure_ascii=False), status=status, headers=headers,
-                            content_type="application/json")
+    return lambda: Response(
+        json.dumps(payload, ensure_ascii=False), status=status, headers=headers, content_type="application/json"
+    )
 
 
 ok = json_answer({"sta": 0, "msg": "ok", "data": {"title": "t", "start_time": 1700000000}})
@@ -98,3 +100,22 @@ def _reset_rate_limiter() -> Iterator[None]:
 
     get_redis().delete("leasesite:ratelimit:baoming")
     yield
+
+
+@pytest.fixture
+def live_server_env(settings, upstream) -> dict[str, str]:
+    """Environment for a subprocess that must see this test's committed data and upstream."""
+    import os
+
+    from django.db import connection
+
+    env = dict(os.environ)
+    env["DJANGO_SETTINGS_MODULE"] = "leasesite.settings"
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
+    else:
+        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+        env["DATABASE_URL"] = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    env["BAOMING_API_BASE"] = upstream.url
+    return env

@@ -99,14 +99,25 @@ class BaomingTokenForm(forms.ModelForm):
 class BaomingTokenAdmin(admin.ModelAdmin):
     form = BaomingTokenForm
     list_display = (
-        "card_name", "user_name", "masked_token_display", "last_used", "last_checked_at",
-        "consecutive_failures", "created_at",
+        "card_name",
+        "user_name",
+        "masked_token_display",
+        "last_used",
+        "last_checked_at",
+        "consecutive_failures",
+        "created_at",
     )
     list_filter = (LastUsedFilter, FailureFilter)
     search_fields = ("card_name", "user_name")
     ordering = ("card_name", "id")
-    readonly_fields = ("masked_token_display", "created_at", "last_used", "last_checked_at",
-                       "consecutive_failures", "last_error")
+    readonly_fields = (
+        "masked_token_display",
+        "created_at",
+        "last_used",
+        "last_checked_at",
+        "consecutive_failures",
+        "last_error",
+    )
     actions = ["refresh_now", "delete_with_audit"]
     list_per_page = 100
     show_full_result_count = False
@@ -118,11 +129,17 @@ class BaomingTokenAdmin(admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: BaomingToken | None = None) -> list[str]:
         fields = ["card_name", "user_name", "token"]
         if obj is not None:
-            fields += ["masked_token_display", "created_at", "last_used", "last_checked_at",
-                       "consecutive_failures", "last_error"]
+            fields += [
+                "masked_token_display",
+                "created_at",
+                "last_used",
+                "last_checked_at",
+                "consecutive_failures",
+                "last_error",
+            ]
         return fields
 
-    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):  # noqa: ANN201
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         """A full token pasted in the search box finds its row (through the fingerprint)."""
         term = search_term.strip().lower()
         if TOKEN_PATTERN.fullmatch(term):
@@ -140,8 +157,9 @@ class BaomingTokenAdmin(admin.ModelAdmin):
         from tokens.tasks import refresh_tokens
 
         if lock_holder(name=REFRESH_LOCK_NAME) is not None:
-            self.message_user(request, _("A refresh run is in progress; try again when it has finished."),
-                              messages.WARNING)
+            self.message_user(
+                request, _("A refresh run is in progress; try again when it has finished."), messages.WARNING
+            )
             return
         token_ids = list(queryset.values_list("id", flat=True))
         transaction.on_commit(
@@ -153,7 +171,8 @@ class BaomingTokenAdmin(admin.ModelAdmin):
                 "Refresh of %(count)d token queued; its result appears under refresh runs.",
                 "Refresh of %(count)d tokens queued; their results appear under refresh runs.",
                 len(token_ids),
-            ) % {"count": len(token_ids)},
+            )
+            % {"count": len(token_ids)},
             messages.SUCCESS,
         )
 
@@ -186,8 +205,23 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(RefreshRun)
 class RefreshRunAdmin(ReadOnlyAdmin):
-    list_display = ("id", "kind", "trigger", "status", "dry_run", "started_at", "duration_seconds", "planned",
-                    "total", "ok", "failed", "invalid", "deleted", "rate_limited", "breaker_tripped")
+    list_display = (
+        "id",
+        "kind",
+        "trigger",
+        "status",
+        "dry_run",
+        "started_at",
+        "duration_seconds",
+        "planned",
+        "total",
+        "ok",
+        "failed",
+        "invalid",
+        "deleted",
+        "rate_limited",
+        "breaker_tripped",
+    )
     list_filter = ("kind", "status", "trigger", "breaker_tripped", "dry_run")
     date_hierarchy = "started_at"
     exclude = ("lock_owner",)

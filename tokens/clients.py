@@ -140,7 +140,13 @@ class BaomingClient:
         # Retry only failed connection attempts (the request never reached the upstream);
         # answers are never retried here: that is the rate limiter's and the run's job.
         retry = Retry(
-            total=1, connect=1, read=0, status=0, other=0, redirect=0, backoff_factor=0.2,
+            total=1,
+            connect=1,
+            read=0,
+            status=0,
+            other=0,
+            redirect=0,
+            backoff_factor=0.2,
             respect_retry_after_header=False,  # a 429 is classified by us, not retried by urllib3
         )
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=retry)

@@ -31,12 +31,25 @@ def format_time(value: datetime | None) -> str:
     return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def log_run_header(*, run_id: int, kind: str, trigger: str, planned: int, max_age_days: int | None,
-                   cleanup_days: int | None = None, dry_run: bool = False) -> None:
+def log_run_header(
+    *,
+    run_id: int,
+    kind: str,
+    trigger: str,
+    planned: int,
+    max_age_days: int | None,
+    cleanup_days: int | None = None,
+    dry_run: bool = False,
+) -> None:
     title = "报名工具 Token 清理开始" if kind == "cleanup" else "报名工具 Token 刷新开始"
     logger.info(RULE)
-    logger.info("%s%s (运行 #%s, 触发: %s)", title, " [演练 dry-run]" if dry_run else "", run_id,
-                TRIGGER_LABELS.get(trigger, trigger))
+    logger.info(
+        "%s%s (运行 #%s, 触发: %s)",
+        title,
+        " [演练 dry-run]" if dry_run else "",
+        run_id,
+        TRIGGER_LABELS.get(trigger, trigger),
+    )
     logger.info("开始时间: %s", format_time(timezone.now()))
     if kind == "cleanup":
         logger.info("清理条件: 超过 %s 天未使用的 Token", cleanup_days)
@@ -48,24 +61,52 @@ def log_run_header(*, run_id: int, kind: str, trigger: str, planned: int, max_ag
     logger.info(RULE)
 
 
-def log_token_line(*, index: int, planned: int, card_name: str, user_name: str,
-                   last_used: datetime | None, outcome: CheckOutcome, message: str) -> None:
+def log_token_line(
+    *,
+    index: int,
+    planned: int,
+    card_name: str,
+    user_name: str,
+    last_used: datetime | None,
+    outcome: CheckOutcome,
+    message: str,
+) -> None:
     label = OUTCOME_LABELS[outcome]
     if outcome == CheckOutcome.TRANSIENT or (outcome == CheckOutcome.RATE_LIMITED and message):
         label = f"{label}: {message}"
     level = logging.INFO if outcome == CheckOutcome.VALID else logging.WARNING
-    logger.log(level, "[%d/%d] 名片: %s | 用户: %s | 最后使用: %s | 结果: %s", index, planned,
-               card_name, user_name or "-", format_time(last_used), label)
+    logger.log(
+        level,
+        "[%d/%d] 名片: %s | 用户: %s | 最后使用: %s | 结果: %s",
+        index,
+        planned,
+        card_name,
+        user_name or "-",
+        format_time(last_used),
+        label,
+    )
 
 
 def log_deleted_line(*, card_name: str, user_name: str, masked: str, reason: str) -> None:
-    logger.warning("已删除 Token: 名片: %s | 用户: %s | Token: %s | 原因: %s", card_name,
-                   user_name or "-", masked, reason)
+    logger.warning(
+        "已删除 Token: 名片: %s | 用户: %s | Token: %s | 原因: %s", card_name, user_name or "-", masked, reason
+    )
 
 
-def log_run_statistics(*, kind: str, status_label: str, total: int, ok: int, failed: int,
-                       invalid: int, deleted: int, rate_limited: int, duration: float,
-                       breaker_tripped: bool, dry_run: bool) -> None:
+def log_run_statistics(
+    *,
+    kind: str,
+    status_label: str,
+    total: int,
+    ok: int,
+    failed: int,
+    invalid: int,
+    deleted: int,
+    rate_limited: int,
+    duration: float,
+    breaker_tripped: bool,
+    dry_run: bool,
+) -> None:
     logger.info(RULE)
     logger.info("%s统计%s", "清理" if kind == "cleanup" else "刷新", " (演练 dry-run，未修改数据)" if dry_run else "")
     logger.info("状态: %s", status_label)

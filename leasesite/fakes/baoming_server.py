@@ -11,6 +11,7 @@ Run alone: ``python -m leasesite.fakes.baoming_server --port 8765 --invalid-pref
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -61,7 +62,7 @@ def make_handler(state: FakeBaomingState) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like the real upstream
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
         def _send(self, status: int, payload: dict) -> None:
@@ -72,7 +73,7 @@ def make_handler(state: FakeBaomingState) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        def do_GET(self) -> None:
             allowed = state.record()
             if state.latency:
                 time.sleep(state.latency)
@@ -130,13 +131,16 @@ def main() -> None:
     parser.add_argument("--invalid-prefix", default="0", help="tokens starting with this answer invalid")
     parser.add_argument("--limit", type=float, default=0.0, help="answer 'too frequent' above this many req/s")
     args = parser.parse_args()
-    server = FakeBaomingServer(host=args.host, port=args.port, latency=args.latency,
-                               invalid_prefix=args.invalid_prefix, limit_per_second=args.limit)
+    server = FakeBaomingServer(
+        host=args.host,
+        port=args.port,
+        latency=args.latency,
+        invalid_prefix=args.invalid_prefix,
+        limit_per_second=args.limit,
+    )
     print(f"fake 报名工具 API on {server.url}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

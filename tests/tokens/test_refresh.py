@@ -40,7 +40,13 @@ def test_valid_invalid_and_transient_answers(upstream, make_token):
     result = run()
 
     assert (result.status, result.total, result.ok, result.invalid, result.failed, result.deleted) == (
-        RunStatus.SUCCEEDED, 3, 1, 1, 1, 1)
+        RunStatus.SUCCEEDED,
+        3,
+        1,
+        1,
+        1,
+        1,
+    )
     good.refresh_from_db()
     assert good.last_used is not None and good.last_checked_at is not None
     assert (good.consecutive_failures, good.last_error) == (0, "")
@@ -154,7 +160,12 @@ def test_run_fans_out_in_batches(upstream, make_token):
         assert token_refresh_batch(batch_id=batch_id) is True
     started.refresh_from_db()
     assert (started.status, started.total, started.ok, started.deleted, started.batches_done) == (
-        RunStatus.SUCCEEDED, 10, 9, 1, 4)
+        RunStatus.SUCCEEDED,
+        10,
+        9,
+        1,
+        4,
+    )
 
 
 def test_batch_is_idempotent(upstream, make_token):

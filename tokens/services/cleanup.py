@@ -22,23 +22,39 @@ def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> Refr
     run = RefreshRun.objects.create(
         kind=RunKind.CLEANUP, trigger=trigger, cleanup_days=days, dry_run=dry_run, planned=planned
     )
-    reporting.log_run_header(run_id=run.pk, kind=RunKind.CLEANUP, trigger=trigger, planned=planned,
-                             max_age_days=None, cleanup_days=days, dry_run=dry_run)
+    reporting.log_run_header(
+        run_id=run.pk,
+        kind=RunKind.CLEANUP,
+        trigger=trigger,
+        planned=planned,
+        max_age_days=None,
+        cleanup_days=days,
+        dry_run=dry_run,
+    )
     reason = f"unused for more than {days} days"
     try:
         if dry_run:
             deleted = 0
-            for token in stale.order_by("id").only("card_name", "user_name", "token").iterator(chunk_size=500):
-                reporting.log_deleted_line(card_name=token.card_name, user_name=token.user_name,
-                                           masked=token.masked_token, reason=f"[dry-run] {reason}")
-                deleted += 1
+            tokens = stale.order_by("id").only("card_name", "user_name", "token").iterator(chunk_size=500)
+            for deleted, token in enumerate(tokens, start=1):  # noqa: B007 - the count is what we keep
+                reporting.log_deleted_line(
+                    card_name=token.card_name,
+                    user_name=token.user_name,
+                    masked=token.masked_token,
+                    reason=f"[dry-run] {reason}",
+                )
         else:
-            def log_deleted(record) -> None:  # noqa: ANN001
-                reporting.log_deleted_line(card_name=record.card_name, user_name=record.user_name,
-                                           masked=record.token_masked, reason=reason)
+
+            def log_deleted(record) -> None:
+                reporting.log_deleted_line(
+                    card_name=record.card_name, user_name=record.user_name, masked=record.token_masked, reason=reason
+                )
 
             deleted = tokens_delete(
-                queryset=tokens_stale(days=days), reason=DeletionReason.STALE, run=run, detail=reason,
+                queryset=tokens_stale(days=days),
+                reason=DeletionReason.STALE,
+                run=run,
+                detail=reason,
                 on_deleted=log_deleted,
             )
         status, error = RunStatus.SUCCEEDED, ""
@@ -54,8 +70,16 @@ def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> Refr
         run.total = run.deleted = deleted
     run.save()
     reporting.log_run_statistics(
-        kind=RunKind.CLEANUP, status_label=str(run.get_status_display()), total=run.total, ok=0, failed=0,
-        invalid=0, deleted=run.deleted, rate_limited=0, duration=run.duration_seconds, breaker_tripped=False,
+        kind=RunKind.CLEANUP,
+        status_label=str(run.get_status_display()),
+        total=run.total,
+        ok=0,
+        failed=0,
+        invalid=0,
+        deleted=run.deleted,
+        rate_limited=0,
+        duration=run.duration_seconds,
+        breaker_tripped=False,
         dry_run=dry_run,
     )
     if status == RunStatus.FAILED:

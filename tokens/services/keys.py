@@ -38,4 +38,3 @@ def token_keys_rotate(*, chunk_size: int = 500) -> tuple[int, int]:
                 BaomingToken.objects.filter(id=token_id).update(token=plaintext, fingerprint=new_fingerprint)
                 rewritten += 1
         last_id = rows[-1][0]
-

@@ -54,7 +54,7 @@ LOCK_RENEW_EVERY_SECONDS = 30.0
 BREAKER_KEPT_MESSAGE = "invalid answer ignored: circuit breaker tripped"
 
 
-class RefreshAlreadyRunning(Exception):
+class RefreshAlreadyRunning(Exception):  # noqa: N818 - reads as a state, not an error
     """Another refresh run holds the lock."""
 
 
@@ -138,7 +138,9 @@ def _load_rows(token_ids: list[int]) -> list[_TokenRow]:
             except SecretDecryptionError:
                 meta = BaomingToken.objects.filter(id=token_id).values("card_name", "user_name", "last_used").first()
                 if meta:
-                    loaded.append(_TokenRow(token_id, meta["card_name"], meta["user_name"], None, meta["last_used"], True))
+                    loaded.append(
+                        _TokenRow(token_id, meta["card_name"], meta["user_name"], None, meta["last_used"], True)
+                    )
                 continue
             if t is not None:
                 loaded.append(_TokenRow(t.id, t.card_name, t.user_name, t.token, t.last_used))
@@ -172,7 +174,7 @@ def _check_rows(
         token_id = futures[future]
         try:
             result, throttled = future.result()
-        except Exception as exc:  # noqa: BLE001 - e.g. the limiter's Redis went away
+        except Exception as exc:
             result, throttled = CheckResult(CheckOutcome.TRANSIENT, f"check aborted: {type(exc).__name__}"), 0
             logger.warning("token %s check aborted: %s", token_id, type(exc).__name__)
         checks[token_id] = TokenCheck(token_id, result, throttled)
@@ -206,9 +208,7 @@ def _record_checks(*, run: RefreshRun, batch: RefreshBatch, checks: Iterable[Tok
 
     now = timezone.now()
     with transaction.atomic():
-        if not RefreshBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(
-            status=BatchStatus.DONE
-        ):
+        if not RefreshBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(status=BatchStatus.DONE):
             return False
         if not run.dry_run:
             tokens = BaomingToken.objects
@@ -287,7 +287,11 @@ def token_refresh_start(
         # We hold the lock, so any run still marked running lost its workers: close it.
         RefreshRun.objects.filter(
             kind=RunKind.REFRESH, dry_run=False, status__in=[RunStatus.RUNNING, RunStatus.FINALIZING]
-        ).update(status=RunStatus.ABANDONED, ended_at=timezone.now(), error="abandoned: its workers stopped renewing the lock")
+        ).update(
+            status=RunStatus.ABANDONED,
+            ended_at=timezone.now(),
+            error="abandoned: its workers stopped renewing the lock",
+        )
     try:
         with transaction.atomic():
             run = RefreshRun.objects.create(
@@ -323,8 +327,12 @@ def token_refresh_start(
             lock_release(name=REFRESH_LOCK_NAME, owner=owner)
         raise
     reporting.log_run_header(
-        run_id=run.pk, kind=RunKind.REFRESH, trigger=trigger, planned=planned,
-        max_age_days=max_age_days, dry_run=dry_run,
+        run_id=run.pk,
+        kind=RunKind.REFRESH,
+        trigger=trigger,
+        planned=planned,
+        max_age_days=max_age_days,
+        dry_run=dry_run,
     )
     if number == 0:
         _finalize_if_complete(run.pk)
@@ -361,20 +369,31 @@ def token_refresh_batch(
     for offset, row in enumerate(rows, start=1):
         check = checks[row.id]
         reporting.log_token_line(
-            index=base_index + offset, planned=run.planned, card_name=row.card_name, user_name=row.user_name,
-            last_used=row.last_used, outcome=check.result.outcome, message=check.result.message,
+            index=base_index + offset,
+            planned=run.planned,
+            card_name=row.card_name,
+            user_name=row.user_name,
+            last_used=row.last_used,
+            outcome=check.result.outcome,
+            message=check.result.message,
         )
-        logger.debug("token %s: %s http=%s %.3fs %s", row.id, check.result.outcome, check.result.http_status,
-                     check.result.elapsed, check.result.message)
+        logger.debug(
+            "token %s: %s http=%s %.3fs %s",
+            row.id,
+            check.result.outcome,
+            check.result.http_status,
+            check.result.elapsed,
+            check.result.message,
+        )
     _evaluate_breaker(run.pk)
     _finalize_if_complete(run.pk)
     return True
 
 
 def _finalize_if_complete(run_id: int) -> None:
-    claimed = RefreshRun.objects.filter(
-        pk=run_id, status=RunStatus.RUNNING, batches_done=F("batches_total")
-    ).update(status=RunStatus.FINALIZING)
+    claimed = RefreshRun.objects.filter(pk=run_id, status=RunStatus.RUNNING, batches_done=F("batches_total")).update(
+        status=RunStatus.FINALIZING
+    )
     if claimed:
         token_refresh_finalize(run_id=run_id)
 
@@ -391,9 +410,11 @@ def token_refresh_finalize(*, run_id: int) -> RefreshRun:
             invalid_in_run=None, consecutive_failures=F("consecutive_failures") + 1, last_error=BREAKER_KEPT_MESSAGE
         )
     else:
-        def log_deleted(record) -> None:  # noqa: ANN001
-            reporting.log_deleted_line(card_name=record.card_name, user_name=record.user_name,
-                                       masked=record.token_masked, reason=record.detail)
+
+        def log_deleted(record) -> None:
+            reporting.log_deleted_line(
+                card_name=record.card_name, user_name=record.user_name, masked=record.token_masked, reason=record.detail
+            )
 
         deleted = tokens_delete(queryset=flagged, reason=DeletionReason.INVALID, run=run, on_deleted=log_deleted)
     run.refresh_from_db()
@@ -420,9 +441,17 @@ def _close_run(run: RefreshRun, *, status: str, deleted: int | None = None, erro
     if not run.dry_run and run.lock_owner:
         lock_release(name=REFRESH_LOCK_NAME, owner=run.lock_owner)
     reporting.log_run_statistics(
-        kind=run.kind, status_label=str(run.get_status_display()), total=run.total, ok=run.ok, failed=run.failed,
-        invalid=run.invalid, deleted=run.deleted, rate_limited=run.rate_limited,
-        duration=run.duration_seconds or 0.0, breaker_tripped=run.breaker_tripped, dry_run=run.dry_run,
+        kind=run.kind,
+        status_label=str(run.get_status_display()),
+        total=run.total,
+        ok=run.ok,
+        failed=run.failed,
+        invalid=run.invalid,
+        deleted=run.deleted,
+        rate_limited=run.rate_limited,
+        duration=run.duration_seconds or 0.0,
+        breaker_tripped=run.breaker_tripped,
+        dry_run=run.dry_run,
     )
     if status == RunStatus.FAILED:
         alert_send(title="报名工具 token refresh failed", body=f"Run #{run.pk}: {run.error}", level="error")
@@ -457,9 +486,7 @@ def token_refresh_run(
     if on_start is not None:
         on_start(run)
     try:
-        batch_ids = list(
-            run.batches.filter(status=BatchStatus.PENDING).order_by("number").values_list("id", flat=True)
-        )
+        batch_ids = list(run.batches.filter(status=BatchStatus.PENDING).order_by("number").values_list("id", flat=True))
         for batch_id in batch_ids:
             token_refresh_batch(batch_id=batch_id, client=client, limiter=limiter, on_progress=on_progress)
     except BaseException as exc:

@@ -25,10 +25,7 @@ class Command(BaseCommand):
             if not interactive:
                 raise CommandError("--card-name is required when the token is piped in")
             card_name = input("Card name (名片): ")
-        if interactive:
-            token = getpass.getpass("Token (hidden): ")
-        else:
-            token = sys.stdin.readline()
+        token = getpass.getpass("Token (hidden): ") if interactive else sys.stdin.readline()
         try:
             stored = token_add(card_name=card_name, user_name=options["user_name"], token=token)
         except TokenValidationError as exc:

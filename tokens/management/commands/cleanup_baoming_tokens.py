@@ -19,7 +19,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: object, **options: object) -> None:
         try:
-            configure_command_logging(verbose=options["verbose"] or int(options["verbosity"]) >= 2, log_file=options["log_file"])
+            configure_command_logging(
+                verbose=options["verbose"] or int(options["verbosity"]) >= 2, log_file=options["log_file"]
+            )
         except OSError as exc:
             raise CommandError(f"cannot open --log-file: {exc.strerror}") from None
         run = token_cleanup_run(days=options["days"], trigger=RunTrigger.COMMAND, dry_run=options["dry_run"])

@@ -10,7 +10,7 @@ from tokens.services.tokens import detect_format, tokens_import
 class Command(BaseCommand):
     help = (
         "Import tokens from FILE: CSV (header card_name,user_name,token — or those three columns "
-        "without a header) or JSON lines ({\"card_name\": ..., \"user_name\": ..., \"token\": ...}). "
+        'without a header) or JSON lines ({"card_name": ..., "user_name": ..., "token": ...}). '
         "Good rows are imported, duplicates skipped, bad rows reported by line number (exit 1)."
     )
 
@@ -32,8 +32,7 @@ class Command(BaseCommand):
         for line, error in report.errors:
             self.stderr.write(f"{path}:{line}: {error}")
         self.stdout.write(
-            f"imported {report.imported}, skipped {report.duplicates} duplicate(s), "
-            f"{len(report.errors)} bad row(s)"
+            f"imported {report.imported}, skipped {report.duplicates} duplicate(s), {len(report.errors)} bad row(s)"
         )
         if report.errors:
             raise CommandError(f"{len(report.errors)} bad row(s) were not imported (see above)")

@@ -45,20 +45,32 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--max-age-days", type=positive_int, metavar="N",
-                            help="only tokens used within the last N days (default: all tokens)")
-        parser.add_argument("--cleanup-days", type=positive_int, metavar="N",
-                            help="after refreshing, delete tokens unused for more than N days")
-        parser.add_argument("--scheduler", action="store_true",
-                            help="keep running and refresh every --interval hours")
-        parser.add_argument("--interval", type=positive_hours, metavar="H",
-                            help="hours between runs in --scheduler mode (default 6)")
-        parser.add_argument("--run-immediately", action="store_true",
-                            help="in --scheduler mode, run once right away instead of after the first interval")
+        parser.add_argument(
+            "--max-age-days",
+            type=positive_int,
+            metavar="N",
+            help="only tokens used within the last N days (default: all tokens)",
+        )
+        parser.add_argument(
+            "--cleanup-days",
+            type=positive_int,
+            metavar="N",
+            help="after refreshing, delete tokens unused for more than N days",
+        )
+        parser.add_argument("--scheduler", action="store_true", help="keep running and refresh every --interval hours")
+        parser.add_argument(
+            "--interval", type=positive_hours, metavar="H", help="hours between runs in --scheduler mode (default 6)"
+        )
+        parser.add_argument(
+            "--run-immediately",
+            action="store_true",
+            help="in --scheduler mode, run once right away instead of after the first interval",
+        )
         parser.add_argument("--log-file", metavar="PATH", help="also write the run log to PATH")
         parser.add_argument("--verbose", action="store_true", help="log details of every check (HTTP status, timing)")
-        parser.add_argument("--dry-run", action="store_true",
-                            help="check tokens and report, but change nothing in the database")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="check tokens and report, but change nothing in the database"
+        )
 
     def handle(self, *args: object, **options: object) -> None:
         if not options["scheduler"]:
@@ -85,7 +97,7 @@ class Command(BaseCommand):
 
             progress = tqdm(total=0, unit="token", desc="refresh", file=sys.stderr)
 
-        def on_start(run) -> None:  # noqa: ANN001
+        def on_start(run) -> None:
             if progress is not None:
                 progress.total = run.planned
                 progress.refresh()
@@ -111,8 +123,9 @@ class Command(BaseCommand):
         )
         code = 0 if run.status == RunStatus.SUCCEEDED else 1
         if options["cleanup_days"]:
-            cleanup = token_cleanup_run(days=options["cleanup_days"], trigger=RunTrigger.COMMAND,
-                                        dry_run=options["dry_run"])
+            cleanup = token_cleanup_run(
+                days=options["cleanup_days"], trigger=RunTrigger.COMMAND, dry_run=options["dry_run"]
+            )
             self.stdout.write(f"cleanup run #{cleanup.pk} {cleanup.status}: deleted {cleanup.deleted}")
             if cleanup.status != RunStatus.SUCCEEDED:
                 code = 1

@@ -1,0 +1,521 @@
+#!/usr/bin/env python
+"""Benchmark one whole 报名工具 token refresh run against the fake upstream.
+
+Starts ``FakeBaomingServer`` in this process, seeds ``--tokens`` tokens into the bench database
+(deleting every token and run there first), then refreshes them all:
+
+* ``--workers 1``: ``token_refresh_run`` in this process, like ``manage.py refresh_tokens``;
+* ``--workers K`` (K >= 2): K real ``celery worker --pool=solo`` processes share the run through
+  ``tokens.refresh_tokens`` -> ``tokens.refresh_batch``, the Redis broker and the Redis limiter.
+
+It prints figures and asserts nothing about time. Exit status: 0 done, 1 the fake upstream saw
+more than ``--rate`` requests within some 1-second window (a correctness failure), 2 bad
+arguments, 3 the benchmark itself could not run (workers did not start, run did not finish).
+
+Example: ``python benchmarks/refresh_tokens.py --tokens 2000 --latency 0.05 --rate 100 --workers 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+from urllib.parse import urlsplit
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+if str(BASE_DIR) not in sys.path:
+    sys.path.insert(0, str(BASE_DIR))  # run as a script from anywhere: make the project importable
+
+if TYPE_CHECKING:
+    from leasesite.fakes.baoming_server import FakeBaomingServer
+    from tokens.models import RefreshRun
+
+RATE_LIMIT_KEY = "leasesite:ratelimit:baoming"  # get_rate_limiter(name="baoming") with Redis
+REFRESH_LOCK_NAME = "tokens.refresh"
+EXIT_OK, EXIT_RATE_EXCEEDED, EXIT_USAGE, EXIT_BENCH_FAILED = 0, 1, 2, 3
+POLL_SECONDS = 0.05
+WORKER_START_TIMEOUT = 90.0
+WORKER_STOP_TIMEOUT = 30.0
+
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/leasesite_bench"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/3"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/4"
+DEFAULT_QUEUE = "leasesite-bench"
+
+
+class BenchmarkError(Exception):
+    """The benchmark could not produce figures (not a finding about the code under test)."""
+
+
+# --- arguments --------------------------------------------------------------------------------
+
+
+def _number(value: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value!r}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    number = int(_number(value, int))
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(_number(value, float))
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(_number(value, float))
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def queue_name(value: str) -> str:
+    if not value or not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise argparse.ArgumentTypeError(f"queue names use letters, digits, '-', '_' and '.', got {value!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time one 报名工具 token refresh run against a local fake upstream.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--tokens", type=positive_int, default=2000, help="tokens to seed and refresh")
+    parser.add_argument("--latency", type=non_negative_float, default=0.05, help="seconds the fake upstream adds")
+    parser.add_argument("--rate", type=positive_float, default=100.0, help="BAOMING_RATE_LIMIT, req/s for all")
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="1: in this process; K>=2: K celery worker processes (--pool=solo)")
+    parser.add_argument("--concurrency", type=positive_int, default=8, help="BAOMING_CONCURRENCY, threads per process")
+    parser.add_argument("--batch-size", type=positive_int, default=200, help="BAOMING_BATCH_SIZE")
+    parser.add_argument("--timeout", type=positive_float, default=None,
+                        help="give up if the run is not over after this many seconds (default: 5 x ideal + 60)")
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL,
+                        help="bench database; ALL its tokens and runs are deleted")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="REDIS_URL (rate limiter)")
+    parser.add_argument("--broker-url", default=DEFAULT_BROKER_URL, help="CELERY_BROKER_URL")
+    parser.add_argument("--queue", type=queue_name, default=DEFAULT_QUEUE, help="CELERY_TASK_DEFAULT_QUEUE")
+    parser.add_argument("--fake-nagle", action="store_true",
+                        help="leave Nagle's algorithm on in the fake upstream (as it ships: adds ~40 ms a request)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the run and worker logs (path is printed)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    database = urlsplit(args.database_url)
+    if database.scheme not in ("postgres", "postgresql", "pgsql"):
+        parser.error("--database-url must be a PostgreSQL URL (worker processes share it)")
+    if "bench" not in database.path.lstrip("/"):
+        parser.error("--database-url must name a database whose name contains 'bench': every token in it is deleted")
+    for option, url in (("--redis-url", args.redis_url), ("--broker-url", args.broker_url)):
+        if urlsplit(url).scheme not in ("redis", "rediss"):
+            parser.error(f"{option} must be a redis:// URL")
+    if args.redis_url == args.broker_url:
+        parser.error("--redis-url and --broker-url must be different Redis databases")
+    if args.timeout is None:
+        args.timeout = 5 * args.tokens / args.rate + 60
+    return args
+
+
+# --- environment and database -----------------------------------------------------------------
+
+
+def configure_environment(args: argparse.Namespace, *, api_base: str) -> None:
+    """Settings come from the environment; worker subprocesses inherit the same one."""
+    if not os.environ.get("TOKEN_ENCRYPTION_KEYS"):
+        from cryptography.fernet import Fernet
+
+        os.environ["TOKEN_ENCRYPTION_KEYS"] = Fernet.generate_key().decode()
+    if not os.environ.get("DJANGO_SECRET_KEY"):
+        os.environ["DJANGO_SECRET_KEY"] = secrets.token_urlsafe(48)
+    os.environ.update({
+        "DJANGO_SETTINGS_MODULE": "leasesite.settings",
+        # Production-like: with DEBUG on, Django keeps every SQL query of a process in memory.
+        "DJANGO_DEBUG": "false",
+        "DATABASE_URL": args.database_url,
+        "REDIS_URL": args.redis_url,
+        "CELERY_BROKER_URL": args.broker_url,
+        "CELERY_TASK_DEFAULT_QUEUE": args.queue,
+        "CELERY_TASK_ALWAYS_EAGER": "false",
+        "BAOMING_API_BASE": api_base,
+        "BAOMING_RATE_LIMIT": repr(args.rate),
+        "BAOMING_CONCURRENCY": str(args.concurrency),
+        "BAOMING_BATCH_SIZE": str(args.batch_size),
+        "NOTIFY_URLS": "",
+    })
+
+
+def ensure_database(database_url: str) -> None:
+    """Create the bench database if it is missing (PostgreSQL, through the maintenance database)."""
+    import psycopg
+    from psycopg import sql
+
+    url = urlsplit(database_url)
+    name = url.path.lstrip("/")
+    maintenance = url._replace(scheme="postgresql", path="/postgres").geturl()
+    with psycopg.connect(maintenance, autocommit=True) as connection:
+        if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            print(f"created database {name}")
+
+
+def setup_django(log_path: Path) -> None:
+    import django
+
+    django.setup()
+    # The per-token run log is part of the work (as with the command), but goes to a file.
+    from leasesite.log_filters import SecretScrubFilter
+
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(SecretScrubFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+
+
+def prepare_database(tokens: int) -> None:
+    """Migrate, then leave exactly ``tokens`` fresh tokens and no runs, batches or locks."""
+    from django.core.management import call_command
+    from django.db import connection
+
+    from leasesite.models import JobLock
+    from tokens.models import BaomingToken, RefreshRun
+
+    call_command("migrate", interactive=False, verbosity=0)
+    with connection.cursor() as cursor:
+        # Raw SQL: rows of an earlier invocation may be encrypted with another key, never load them.
+        cursor.execute(f"DELETE FROM {connection.ops.quote_name(BaomingToken._meta.db_table)}")
+    RefreshRun.objects.all().delete()  # and their batches
+    JobLock.objects.filter(name=REFRESH_LOCK_NAME).delete()
+    BaomingToken.objects.bulk_create(
+        (
+            BaomingToken(card_name=f"bench-{index:06d}", user_name=f"user-{index}", token=secrets.token_hex(16))
+            for index in range(tokens)
+        ),
+        batch_size=1000,
+    )
+    connection.close()
+
+
+def reset_redis(args: argparse.Namespace) -> None:
+    """A fresh limiter, and no task left over in our queue from an interrupted earlier run."""
+    import redis
+
+    limiter = redis.Redis.from_url(args.redis_url)
+    broker = redis.Redis.from_url(args.broker_url)
+    try:
+        limiter.delete(RATE_LIMIT_KEY)
+        stale = list(broker.scan_iter(match=f"{args.queue}*"))
+        # The broker database is the benchmark's own: unacked tasks there are ours too.
+        broker.delete(*stale, "unacked", "unacked_index", "unacked_mutex")
+    finally:
+        limiter.close()
+        broker.close()
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    mode: str
+    tokens: int
+    workers: int
+    concurrency: int
+    rate: float
+    seconds: float
+    timing: str
+    run_seconds: float | None
+    peak_rss_mb: float
+    rss_note: str
+    requests: int
+    max_in_window: int
+    tightest_span: float | None
+    gap_stats_ms: tuple[float, float, float] | None
+    status: str
+    planned: int
+    total: int
+    ok: int
+    failed: int
+    invalid: int
+    rate_limited: int
+    per_worker_rss_mb: list[float] = field(default_factory=list)
+
+    @property
+    def ideal_seconds(self) -> float:
+        return self.tokens / self.rate
+
+    @property
+    def rate_exceeded(self) -> bool:
+        return self.max_in_window > self.rate
+
+
+def arrival_figures(arrivals: list[float], rate: float) -> tuple[float | None, tuple[float, float, float] | None]:
+    """The shortest time holding ``floor(rate) + 1`` arrivals (< 1 s means the limit was broken)
+    and the min / 1st percentile / median gap between consecutive arrivals, in milliseconds."""
+    times = sorted(arrivals)
+    span = math.floor(rate) + 1
+    tightest = min((times[i + span - 1] - times[i] for i in range(len(times) - span + 1)), default=None)
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    if not gaps:
+        return tightest, None
+    return tightest, (gaps[0] * 1000, gaps[len(gaps) // 100] * 1000, gaps[len(gaps) // 2] * 1000)
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size of a live process (``VmHWM``), in MB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise BenchmarkError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    return (end - start).total_seconds() if start and end else None
+
+
+def run_in_process(args: argparse.Namespace, server: FakeBaomingServer) -> Figures:
+    from tokens.models import RunTrigger
+    from tokens.services.refresh import token_refresh_run
+
+    started = time.monotonic()
+    run = token_refresh_run(trigger=RunTrigger.COMMAND)
+    seconds = time.monotonic() - started
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return _figures(
+        args, server, run, mode="in-process (token_refresh_run)", seconds=seconds,
+        timing="wall clock around token_refresh_run() (includes selecting tokens and creating batches)",
+        peak_rss_mb=peak_kb / 1024,
+        rss_note="ru_maxrss of this process (it also hosts the fake upstream and the seeding)",
+    )
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: TextIO
+
+
+def start_workers(args: argparse.Namespace, log_dir: Path) -> list[Worker]:
+    workers = []
+    for index in range(args.workers):
+        name = f"bench{index + 1}-{os.getpid()}@localhost"
+        log = open(log_dir / f"worker-{index + 1}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in stop_workers
+        command = [
+            sys.executable, "-m", "celery", "-A", "leasesite", "worker", "--pool=solo", "--concurrency=1",
+            "-Q", args.queue, "-n", name, "--without-gossip", "--without-mingle", "--loglevel=INFO",
+        ]
+        process = subprocess.Popen(command, cwd=BASE_DIR, stdout=log, stderr=subprocess.STDOUT)
+        workers.append(Worker(name, process, log))
+    return workers
+
+
+def wait_until_ready(workers: list[Worker]) -> None:
+    from leasesite.celery import app
+
+    expected = {worker.name for worker in workers}
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        dead = [worker.name for worker in workers if worker.process.poll() is not None]
+        if dead:
+            raise BenchmarkError(f"worker(s) exited during start-up: {', '.join(dead)}")
+        replies = app.control.ping(destination=sorted(expected), timeout=0.5)
+        if expected <= {name for reply in replies for name in reply}:
+            return
+    raise BenchmarkError(f"workers did not answer a ping within {WORKER_START_TIMEOUT:.0f} s")
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    """Warm shutdown (SIGTERM: finish the current task, then exit); SIGKILL only if stuck."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=WORKER_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            print(f"worker {worker.name} ignored SIGTERM for {WORKER_STOP_TIMEOUT:.0f} s: killing it", file=sys.stderr)
+            worker.process.kill()
+            worker.process.wait()
+        worker.log.close()
+
+
+@contextmanager
+def running_workers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Worker]]:
+    workers = start_workers(args, log_dir)
+    try:
+        wait_until_ready(workers)
+        yield workers
+    finally:
+        stop_workers(workers)
+
+
+def wait_for_final_run(timeout: float) -> RefreshRun:
+    from django.db import close_old_connections
+
+    from tokens.models import RefreshRun, RunKind
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = RefreshRun.objects.filter(kind=RunKind.REFRESH).order_by("-id").first()
+        if run is not None and run.is_final:
+            return run
+        time.sleep(POLL_SECONDS)
+        close_old_connections()
+    raise BenchmarkError(f"the refresh run did not end within {timeout:.0f} s (see the worker logs)")
+
+
+def run_with_workers(args: argparse.Namespace, server: FakeBaomingServer, log_dir: Path) -> Figures:
+    from tokens.models import RunTrigger
+    from tokens.tasks import refresh_tokens
+
+    with running_workers(args, log_dir) as workers:
+        enqueued_at = time.time()
+        refresh_tokens.delay(max_age_days=None, trigger=RunTrigger.COMMAND)
+        run = wait_for_final_run(args.timeout)
+        observed = time.time() - enqueued_at
+        # Same host, same clock: the run's ended_at is exact where polling is not.
+        seconds = run.ended_at.timestamp() - enqueued_at if run.ended_at else observed
+        per_worker = [vm_hwm_mb(worker.process.pid) for worker in workers if worker.process.poll() is None]
+    return _figures(
+        args, server, run, mode=f"{args.workers} celery worker processes (--pool=solo)", seconds=seconds,
+        timing=f"enqueue of tokens.refresh_tokens -> RefreshRun.ended_at (polling saw it after {observed:.2f} s)",
+        peak_rss_mb=max(per_worker, default=0.0), per_worker_rss_mb=per_worker,
+        rss_note="max VmHWM of the worker processes, sampled after the run",
+    )
+
+
+def _figures(
+    args: argparse.Namespace, server: FakeBaomingServer, run: RefreshRun, *, mode: str, seconds: float, timing: str,
+    peak_rss_mb: float, rss_note: str, per_worker_rss_mb: list[float] | None = None,
+) -> Figures:
+    arrivals = list(server.state.arrivals)
+    tightest, gaps = arrival_figures(arrivals, args.rate)
+    return Figures(
+        mode=mode, tokens=args.tokens, workers=args.workers, concurrency=args.concurrency, rate=args.rate,
+        seconds=seconds, timing=timing, run_seconds=_seconds_between(run.started_at, run.ended_at),
+        peak_rss_mb=peak_rss_mb, rss_note=rss_note, per_worker_rss_mb=per_worker_rss_mb or [],
+        requests=len(arrivals), max_in_window=server.state.max_in_any_second(), tightest_span=tightest,
+        gap_stats_ms=gaps, status=run.status, planned=run.planned, total=run.total, ok=run.ok,
+        failed=run.failed, invalid=run.invalid, rate_limited=run.rate_limited,
+    )
+
+
+def report(figures: Figures, args: argparse.Namespace) -> None:
+    ratio = figures.seconds / figures.ideal_seconds
+    rows: list[tuple[str, str]] = [
+        ("mode", figures.mode),
+        ("tokens", str(figures.tokens)),
+        ("workers", str(figures.workers)),
+        ("concurrency", f"{figures.concurrency} threads per process (BAOMING_CONCURRENCY)"),
+        ("batch size", str(args.batch_size)),
+        ("latency", f"{args.latency * 1000:.0f} ms (fake upstream, Nagle {'on' if args.fake_nagle else 'off'})"),
+        ("rate limit", f"{figures.rate:g} req/s"),
+        ("seconds", f"{figures.seconds:.2f}  [{figures.timing}]"),
+        ("run duration", "-" if figures.run_seconds is None else
+         f"{figures.run_seconds:.2f} s  [RefreshRun.started_at -> ended_at]"),
+        ("tokens/s", f"{figures.tokens / figures.seconds:.1f}"),
+        ("ideal seconds", f"{figures.ideal_seconds:.2f}  [tokens / rate]"),
+        ("ratio", f"{ratio:.3f}  [seconds / ideal]"),
+        ("peak RSS", f"{figures.peak_rss_mb:.1f} MB  [{figures.rss_note}]"),
+    ]
+    if figures.per_worker_rss_mb:
+        rows.append(("per-worker RSS", ", ".join(f"{mb:.1f} MB" for mb in figures.per_worker_rss_mb)))
+    verdict = "EXCEEDED" if figures.rate_exceeded else "ok"
+    rows += [
+        ("requests seen", str(figures.requests)),
+        ("max in any 1 s", f"{figures.max_in_window} (limit {figures.rate:g}) {verdict}"),
+    ]
+    if figures.tightest_span is not None:
+        rows.append((f"tightest {math.floor(figures.rate) + 1} arrivals",
+                     f"{figures.tightest_span * 1000:.1f} ms  [< 1000 ms means the limit was broken]"))
+    if figures.gap_stats_ms is not None:
+        low, p1, median = figures.gap_stats_ms
+        rows.append(("arrival gaps", f"min {low:.2f} ms, p1 {p1:.2f} ms, median {median:.2f} ms "
+                                     f"(slot spacing {1000 / figures.rate:.2f} ms)"))
+    rows += [
+        ("run status", figures.status),
+        ("run counts", f"planned {figures.planned}, total {figures.total}, ok {figures.ok}, "
+                       f"failed {figures.failed}, invalid {figures.invalid}, rate-limited answers "
+                       f"{figures.rate_limited}"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    if figures.ok != figures.tokens:
+        print(f"WARNING: {figures.tokens - figures.ok} of {figures.tokens} tokens were not refreshed ok")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from leasesite.fakes.baoming_server import FakeBaomingServer
+
+    log_dir = Path(tempfile.mkdtemp(prefix="leasesite-bench-"))
+    server = FakeBaomingServer(latency=args.latency, invalid_prefix="")
+    if not args.fake_nagle:
+        # The fake writes the headers and the body of an answer separately; with Nagle's algorithm
+        # the body waits for the client's delayed ACK (~40 ms on Linux), which no real upstream adds.
+        server.httpd.RequestHandlerClass.disable_nagle_algorithm = True
+    server.start()
+    try:
+        configure_environment(args, api_base=server.url)
+        ensure_database(args.database_url)
+        setup_django(log_dir / "run.log")
+        print(f"seeding {args.tokens} tokens into {urlsplit(args.database_url).path.lstrip('/')} ...", flush=True)
+        prepare_database(args.tokens)
+        reset_redis(args)
+        server.state.arrivals.clear()
+        in_process = args.workers == 1
+        figures = run_in_process(args, server) if in_process else run_with_workers(args, server, log_dir)
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}; logs in {log_dir}", file=sys.stderr)
+        return EXIT_BENCH_FAILED
+    finally:
+        server.stop()
+    report(figures, args)
+    if args.keep_logs:
+        print(f"{'logs':<14}  {log_dir}")
+    else:
+        for path in log_dir.iterdir():
+            path.unlink()
+        log_dir.rmdir()
+    return EXIT_RATE_EXCEEDED if figures.rate_exceeded else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""End to end: real Celery worker processes, the real Redis broker, the test database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from tests.conftest import invalid
+from tokens.models import BaomingToken, RefreshRun, RunKind, RunStatus, TokenDeletion
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+BASE = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def start_workers(live_server_env, tmp_path) -> Iterator[Callable[..., list[subprocess.Popen]]]:
+    procs: list[subprocess.Popen] = []
+
+    def start(count: int = 1, **extra_env: str) -> list[subprocess.Popen]:
+        env = {**live_server_env, "CELERY_BROKER_URL": settings.CELERY_BROKER_URL, **extra_env}
+        for n in range(count):
+            log = open(tmp_path / f"worker{n}.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "leasesite",
+                        "worker",
+                        "--pool=solo",
+                        "--loglevel=INFO",
+                        "-Q",
+                        settings.CELERY_TASK_DEFAULT_QUEUE,
+                        "-n",
+                        f"test{n}-{os.getpid()}@%h",
+                        "--without-gossip",
+                        "--without-mingle",
+                    ],
+                    cwd=BASE,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        return procs
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for log in tmp_path.glob("worker*.log"):
+        text = log.read_text()
+        assert "Traceback" not in text, text
+
+
+def wait_for_run(kind: str, timeout: float = 90) -> RefreshRun:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = RefreshRun.objects.filter(kind=kind).order_by("-id").first()
+        if run is not None and run.is_final:
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"no finished {kind} run within {timeout}s")
+
+
+def test_refresh_task_fans_out_over_two_workers(upstream, make_token, start_workers):
+    tokens = [make_token() for _ in range(9)]
+    upstream.answers[tokens[0].token] = invalid
+    start_workers(2, BAOMING_BATCH_SIZE="2")
+
+    from tokens.tasks import refresh_tokens
+
+    refresh_tokens.delay(max_age_days=None)
+    run = wait_for_run(RunKind.REFRESH)
+
+    assert (run.status, run.trigger, run.total, run.ok, run.deleted) == (RunStatus.SUCCEEDED, "beat", 9, 8, 1)
+    assert (run.batches_total, run.batches_done) == (5, 5)
+    assert not BaomingToken.objects.filter(pk=tokens[0].pk).exists()
+    assert TokenDeletion.objects.get().token_pk == tokens[0].pk
+    assert BaomingToken.objects.filter(last_used__isnull=False).count() == 8
+    assert len(upstream.requests) == 9  # every token checked exactly once
+
+
+def test_cleanup_task_runs_on_a_worker(make_token, start_workers):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    make_token(created_at=timezone.now() - timedelta(days=45))
+    make_token()
+    start_workers(1)
+
+    from tokens.tasks import cleanup_tokens
+
+    cleanup_tokens.delay(days=30)
+    run = wait_for_run(RunKind.CLEANUP)
+    assert (run.status, run.deleted) == (RunStatus.SUCCEEDED, 1)
+    assert BaomingToken.objects.count() == 1

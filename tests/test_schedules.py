@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.management import call_command
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+pytestmark = pytest.mark.django_db
+
+EXPECTED = {
+    "tokens: refresh tokens used within 7 days": ("tokens.refresh_tokens", {"max_age_days": 7}),
+    "tokens: refresh all tokens": ("tokens.refresh_tokens", {"max_age_days": None}),
+    "tokens: clean up tokens unused for 30 days": ("tokens.cleanup_tokens", {"days": 30}),
+}
+
+
+def test_migrate_installed_the_default_schedules(settings):
+    tasks = {t.name: t for t in PeriodicTask.objects.select_related("interval", "crontab")}
+    for name, (task, kwargs) in EXPECTED.items():
+        assert tasks[name].task == task
+        assert json.loads(tasks[name].kwargs) == kwargs
+        assert tasks[name].expire_seconds
+    every_6h = tasks["tokens: refresh tokens used within 7 days"].interval
+    assert (every_6h.every, every_6h.period) == (360, IntervalSchedule.MINUTES)
+    daily = tasks["tokens: refresh all tokens"].crontab
+    assert (daily.minute, daily.hour, daily.day_of_week, str(daily.timezone)) == ("0", "2", "*", settings.TIME_ZONE)
+    sunday = tasks["tokens: clean up tokens unused for 30 days"].crontab
+    assert (sunday.minute, sunday.hour, sunday.day_of_week) == ("0", "3", "0")
+
+
+def test_setup_schedules_is_idempotent_and_keeps_operator_changes(capsys):
+    task = PeriodicTask.objects.get(name="tokens: refresh all tokens")
+    task.enabled = False
+    task.save()
+    count = PeriodicTask.objects.count()
+    call_command("setup_schedules")
+    assert "0 created" in capsys.readouterr().out
+    assert PeriodicTask.objects.count() == count
+    assert PeriodicTask.objects.get(name="tokens: refresh all tokens").enabled is False
+    PeriodicTask.objects.filter(name="tokens: refresh all tokens").delete()
+    call_command("setup_schedules")
+    assert "1 created" in capsys.readouterr().out

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from tokens.models import BaomingToken, DeletionReason, RunKind, RunStatus, TokenDeletion
+from tokens.services.cleanup import token_cleanup_run
+
+pytestmark = pytest.mark.django_db
+
+
+def test_deletes_tokens_unused_for_n_days_with_audit(make_token):
+    now = timezone.now()
+    fresh = make_token(last_used=now - timedelta(days=3))
+    new = make_token()
+    stale_used = make_token(last_used=now - timedelta(days=31))
+    stale_never_used = make_token(created_at=now - timedelta(days=40))
+    recent_created_old_use = make_token(created_at=now - timedelta(days=40), last_used=now - timedelta(days=1))
+
+    run = token_cleanup_run(days=30, trigger="command")
+
+    assert (run.kind, run.status, run.deleted, run.total, run.planned) == (
+        RunKind.CLEANUP,
+        RunStatus.SUCCEEDED,
+        2,
+        2,
+        2,
+    )
+    remaining = set(BaomingToken.objects.values_list("id", flat=True))
+    assert remaining == {fresh.pk, new.pk, recent_created_old_use.pk}
+    audits = TokenDeletion.objects.filter(run=run)
+    assert {a.token_pk for a in audits} == {stale_used.pk, stale_never_used.pk}
+    assert all(a.reason == DeletionReason.STALE and "30 days" in a.detail for a in audits)
+
+
+def test_cleanup_in_batches(make_token, monkeypatch):
+    from tokens.services import deletion
+
+    monkeypatch.setattr(deletion, "DELETE_CHUNK_SIZE", 3)
+    old = timezone.now() - timedelta(days=100)
+    for _ in range(8):
+        make_token(created_at=old)
+    run = token_cleanup_run(days=30, trigger="beat")
+    assert run.deleted == 8 and not BaomingToken.objects.exists()
+    assert TokenDeletion.objects.count() == 8
+
+
+def test_dry_run_deletes_nothing(make_token):
+    make_token(created_at=timezone.now() - timedelta(days=100))
+    run = token_cleanup_run(days=30, trigger="command", dry_run=True)
+    assert run.deleted == 1 and run.dry_run
+    assert BaomingToken.objects.count() == 1 and not TokenDeletion.objects.exists()
+
+
+def test_days_must_be_positive():
+    with pytest.raises(ValueError, match="at least 1"):
+        token_cleanup_run(days=0, trigger="command")
