@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import warnings
+import os
+import sys
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -118,12 +119,12 @@ if not TOKEN_ENCRYPTION_KEYS:
             "TOKEN_ENCRYPTION_KEYS is required when DJANGO_DEBUG is off. Generate one with: "
             "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
         )
-    warnings.warn(
-        "TOKEN_ENCRYPTION_KEYS is not set: using a development key derived from "
-        "DJANGO_SECRET_KEY. Set real Fernet keys before storing real tokens.",
-        RuntimeWarning,
-        stacklevel=1,
-    )
+    if not os.environ.get("LEASESITE_DEV_KEY_WARNED"):
+        os.environ["LEASESITE_DEV_KEY_WARNED"] = "1"  # once per process tree, not once per child
+        sys.stderr.write(
+            "WARNING: TOKEN_ENCRYPTION_KEYS is not set: using a development key derived from "
+            "DJANGO_SECRET_KEY. Set real Fernet keys before storing real tokens.\n"
+        )
     TOKEN_ENCRYPTION_KEYS = [
         base64.urlsafe_b64encode(hashlib.sha256(f"leasesite-dev-token-key:{SECRET_KEY}".encode()).digest()).decode()
     ]
