@@ -95,7 +95,7 @@ AUTH_PASSWORD_VALIDATORS = [
 # --- Language and time ------------------------------------------------------------------------
 LANGUAGE_CODE = env_str("DJANGO_LANGUAGE_CODE", "zh-hans") or "zh-hans"
 LANGUAGES = [("zh-hans", _("Simplified Chinese")), ("en", _("English"))]
-LOCALE_PATHS = [BASE_DIR / "locale"]
+# Translations live in each app's locale/ folder (zh_Hans), found through INSTALLED_APPS.
 TIME_ZONE = env_str("DJANGO_TIME_ZONE", "Asia/Shanghai") or "Asia/Shanghai"
 USE_I18N = True
 USE_TZ = True  # data is stored in UTC; TIME_ZONE is for display and beat's crontabs
