@@ -23,7 +23,7 @@ def po_entries(path: Path) -> list[tuple[str, str]]:
             msgid, target = ast.literal_eval(line[6:]), "id"
         elif line.startswith(("msgstr ", "msgstr[0] ")):
             msgstr, target = ast.literal_eval(line.split(" ", 1)[1]), "str"
-        elif line.startswith("msgid_plural") or line.startswith("msgstr["):
+        elif line.startswith(("msgid_plural", "msgstr[")):
             target = None
         elif line.startswith('"') and target:
             if target == "id":
