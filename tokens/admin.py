@@ -129,14 +129,7 @@ class BaomingTokenAdmin(admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: BaomingToken | None = None) -> list[str]:
         fields = ["card_name", "user_name", "token"]
         if obj is not None:
-            fields += [
-                "masked_token_display",
-                "created_at",
-                "last_used",
-                "last_checked_at",
-                "consecutive_failures",
-                "last_error",
-            ]
+            fields += list(self.readonly_fields)
         return fields
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from django.utils import timezone
-
 from tokens import reporting
 from tokens.models import DeletionReason, RefreshRun, RunKind, RunStatus
 from tokens.selectors import tokens_stale
 from tokens.services.deletion import tokens_delete
+from tokens.services.runs import run_close
 
 
 def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> RefreshRun:
@@ -61,29 +60,6 @@ def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> Refr
     except Exception as exc:
         status, error, deleted = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None
         run.refresh_from_db()
-    now = timezone.now()
-    run.status = status
-    run.error = error[:2000]
-    run.ended_at = now
-    run.duration_seconds = (now - run.started_at).total_seconds()
     if deleted is not None:
-        run.total = run.deleted = deleted
-    run.save()
-    reporting.log_run_statistics(
-        kind=RunKind.CLEANUP,
-        status_label=str(run.get_status_display()),
-        total=run.total,
-        ok=0,
-        failed=0,
-        invalid=0,
-        deleted=run.deleted,
-        rate_limited=0,
-        duration=run.duration_seconds,
-        breaker_tripped=False,
-        dry_run=dry_run,
-    )
-    if status == RunStatus.FAILED:
-        from leasesite.notify import alert_send
-
-        alert_send(title="报名工具 token cleanup failed", body=f"Run #{run.pk}: {error}", level="error")
-    return run
+        run.total = deleted
+    return run_close(run, status=status, deleted=deleted, error=error)

@@ -46,10 +46,10 @@ from tokens.models import (
 )
 from tokens.selectors import tokens_for_refresh
 from tokens.services.deletion import tokens_delete
+from tokens.services.runs import REFRESH_LOCK_NAME, run_close
 
 logger = logging.getLogger(__name__)
 
-REFRESH_LOCK_NAME = "tokens.refresh"
 LOCK_RENEW_EVERY_SECONDS = 30.0
 BREAKER_KEPT_MESSAGE = "invalid answer ignored: circuit breaker tripped"
 
@@ -425,37 +425,7 @@ def token_refresh_finalize(*, run_id: int) -> RefreshRun:
         run.error = run.error or "every check failed (upstream unreachable or answering errors)"
     else:
         status = RunStatus.SUCCEEDED
-    return _close_run(run, status=status, deleted=deleted)
-
-
-def _close_run(run: RefreshRun, *, status: str, deleted: int | None = None, error: str = "") -> RefreshRun:
-    now = timezone.now()
-    run.status = status
-    run.ended_at = now
-    run.duration_seconds = (now - run.started_at).total_seconds()
-    if deleted is not None:
-        run.deleted = deleted
-    if error:
-        run.error = error
-    run.save(update_fields=["status", "ended_at", "duration_seconds", "deleted", "error"])
-    if not run.dry_run and run.lock_owner:
-        lock_release(name=REFRESH_LOCK_NAME, owner=run.lock_owner)
-    reporting.log_run_statistics(
-        kind=run.kind,
-        status_label=str(run.get_status_display()),
-        total=run.total,
-        ok=run.ok,
-        failed=run.failed,
-        invalid=run.invalid,
-        deleted=run.deleted,
-        rate_limited=run.rate_limited,
-        duration=run.duration_seconds or 0.0,
-        breaker_tripped=run.breaker_tripped,
-        dry_run=run.dry_run,
-    )
-    if status == RunStatus.FAILED:
-        alert_send(title="报名工具 token refresh failed", body=f"Run #{run.pk}: {run.error}", level="error")
-    return run
+    return run_close(run, status=status, deleted=deleted)
 
 
 def token_refresh_abort(*, run_id: int, error: str) -> RefreshRun | None:
@@ -467,7 +437,7 @@ def token_refresh_abort(*, run_id: int, error: str) -> RefreshRun | None:
         return None
     # Tokens flagged invalid by this run are kept: the run did not finish, so it decides nothing.
     BaomingToken.objects.filter(invalid_in_run_id=run_id).update(invalid_in_run=None)
-    return _close_run(RefreshRun.objects.get(pk=run_id), status=RunStatus.FAILED, error=error[:2000])
+    return run_close(RefreshRun.objects.get(pk=run_id), status=RunStatus.FAILED, error=error)
 
 
 def token_refresh_run(
