@@ -106,28 +106,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Time one 报名工具 token refresh run against a local fake upstream.")
     add = parser.add_argument
     add("--tokens", type=positive_int, default=2000, help="tokens to seed and refresh (default: %(default)s)")
-    add("--latency", type=non_negative_float, default=0.05,
-        help="seconds the fake upstream adds to every answer (default: %(default)s)")
-    add("--rate", type=positive_float, default=100.0,
+    add(
+        "--latency",
+        type=non_negative_float,
+        default=0.05,
+        help="seconds the fake upstream adds to every answer (default: %(default)s)",
+    )
+    add(
+        "--rate",
+        type=positive_float,
+        default=100.0,
         help="the upstream's limit in req/s, shared by all workers; BAOMING_RATE_LIMIT unless --limiter-rate "
-             "(default: %(default)s)")
-    add("--limiter-rate", type=positive_float, default=None,
+        "(default: %(default)s)",
+    )
+    add(
+        "--limiter-rate",
+        type=positive_float,
+        default=None,
         help="BAOMING_RATE_LIMIT when it should differ from --rate, to try headroom below the limit; --rate stays "
-             "the limit checked and the base of the ideal time (default: --rate)")
-    add("--workers", type=positive_int, default=1,
-        help="1: in this process; K>=2: K celery worker processes, --pool=solo (default: %(default)s)")
-    add("--concurrency", type=positive_int, default=8,
-        help="BAOMING_CONCURRENCY, checking threads per process (default: %(default)s)")
+        "the limit checked and the base of the ideal time (default: --rate)",
+    )
+    add(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="1: in this process; K>=2: K celery worker processes, --pool=solo (default: %(default)s)",
+    )
+    add(
+        "--concurrency",
+        type=positive_int,
+        default=8,
+        help="BAOMING_CONCURRENCY, checking threads per process (default: %(default)s)",
+    )
     add("--batch-size", type=positive_int, default=200, help="BAOMING_BATCH_SIZE (default: %(default)s)")
-    add("--timeout", type=positive_float, default=None,
-        help="give up when the run has not ended after this many seconds (default: 5 x ideal + 60)")
-    add("--database-url", default=DEFAULT_DATABASE_URL,
-        help="bench database, created if missing; ALL its tokens and runs are deleted (default: %(default)s)")
+    add(
+        "--timeout",
+        type=positive_float,
+        default=None,
+        help="give up when the run has not ended after this many seconds (default: 5 x ideal + 60)",
+    )
+    add(
+        "--database-url",
+        default=DEFAULT_DATABASE_URL,
+        help="bench database, created if missing; ALL its tokens and runs are deleted (default: %(default)s)",
+    )
     add("--redis-url", default=DEFAULT_REDIS_URL, help="REDIS_URL, the rate limiter (default: %(default)s)")
     add("--broker-url", default=DEFAULT_BROKER_URL, help="CELERY_BROKER_URL (default: %(default)s)")
     add("--queue", type=queue_name, default=DEFAULT_QUEUE, help="CELERY_TASK_DEFAULT_QUEUE (default: %(default)s)")
-    add("--fake-nagle", action="store_true",
-        help="leave Nagle's algorithm on in the fake upstream, as it ships (adds ~40 ms to every answer)")
     add("--keep-logs", action="store_true", help="keep the run and worker logs (their folder is printed)")
     return parser
 
@@ -163,21 +188,23 @@ def configure_environment(args: argparse.Namespace, *, api_base: str) -> None:
         os.environ["TOKEN_ENCRYPTION_KEYS"] = Fernet.generate_key().decode()
     if not os.environ.get("DJANGO_SECRET_KEY"):
         os.environ["DJANGO_SECRET_KEY"] = secrets.token_urlsafe(48)
-    os.environ.update({
-        "DJANGO_SETTINGS_MODULE": "leasesite.settings",
-        # Production-like: with DEBUG on, Django keeps every SQL query of a process in memory.
-        "DJANGO_DEBUG": "false",
-        "DATABASE_URL": args.database_url,
-        "REDIS_URL": args.redis_url,
-        "CELERY_BROKER_URL": args.broker_url,
-        "CELERY_TASK_DEFAULT_QUEUE": args.queue,
-        "CELERY_TASK_ALWAYS_EAGER": "false",
-        "BAOMING_API_BASE": api_base,
-        "BAOMING_RATE_LIMIT": repr(args.limiter_rate),
-        "BAOMING_CONCURRENCY": str(args.concurrency),
-        "BAOMING_BATCH_SIZE": str(args.batch_size),
-        "NOTIFY_URLS": "",
-    })
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "leasesite.settings",
+            # Production-like: with DEBUG on, Django keeps every SQL query of a process in memory.
+            "DJANGO_DEBUG": "false",
+            "DATABASE_URL": args.database_url,
+            "REDIS_URL": args.redis_url,
+            "CELERY_BROKER_URL": args.broker_url,
+            "CELERY_TASK_DEFAULT_QUEUE": args.queue,
+            "CELERY_TASK_ALWAYS_EAGER": "false",
+            "BAOMING_API_BASE": api_base,
+            "BAOMING_RATE_LIMIT": repr(args.limiter_rate),
+            "BAOMING_CONCURRENCY": str(args.concurrency),
+            "BAOMING_BATCH_SIZE": str(args.batch_size),
+            "NOTIFY_URLS": "",
+        }
+    )
 
 
 def ensure_database(database_url: str) -> None:
@@ -321,7 +348,11 @@ def run_in_process(args: argparse.Namespace, server: FakeBaomingServer) -> Figur
     seconds = time.monotonic() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return _figures(
-        args, server, run, mode="in-process (token_refresh_run)", seconds=seconds,
+        args,
+        server,
+        run,
+        mode="in-process (token_refresh_run)",
+        seconds=seconds,
         timing="wall clock around token_refresh_run() (includes selecting tokens and creating batches)",
         peak_rss_mb=peak_kb / 1024,
         rss_note="ru_maxrss of this process (it also hosts the fake upstream and the seeding)",
@@ -341,8 +372,21 @@ def start_workers(args: argparse.Namespace, log_dir: Path) -> list[Worker]:
         name = f"bench{index + 1}-{os.getpid()}@localhost"
         log = open(log_dir / f"worker-{index + 1}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in stop_workers
         command = [
-            sys.executable, "-m", "celery", "-A", "leasesite", "worker", "--pool=solo", "--concurrency=1",
-            "-Q", args.queue, "-n", name, "--without-gossip", "--without-mingle", "--loglevel=INFO",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "leasesite",
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            "-Q",
+            args.queue,
+            "-n",
+            name,
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=INFO",
         ]
         process = subprocess.Popen(command, cwd=BASE_DIR, stdout=log, stderr=subprocess.STDOUT)
         workers.append(Worker(name, process, log))
@@ -389,13 +433,16 @@ def running_workers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Wo
         stop_workers(workers)
 
 
-def wait_for_final_run(timeout: float) -> RefreshRun:
+def wait_for_final_run(timeout: float, workers: list[Worker]) -> RefreshRun:
     from django.db import close_old_connections
 
     from tokens.models import RefreshRun, RunKind
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        dead = [worker.name for worker in workers if worker.process.poll() is not None]
+        if dead:
+            raise BenchmarkError(f"worker(s) exited during the run: {', '.join(dead)}")
         run = RefreshRun.objects.filter(kind=RunKind.REFRESH).order_by("-id").first()
         if run is not None and run.is_final:
             return run
@@ -411,36 +458,65 @@ def run_with_workers(args: argparse.Namespace, server: FakeBaomingServer, log_di
     with running_workers(args, log_dir) as workers:
         enqueued_at = time.time()
         refresh_tokens.delay(max_age_days=None, trigger=RunTrigger.COMMAND)
-        run = wait_for_final_run(args.timeout)
+        run = wait_for_final_run(args.timeout, workers)
         observed = time.time() - enqueued_at
         # Same host, same clock: the run's ended_at is exact where polling is not.
         seconds = run.ended_at.timestamp() - enqueued_at if run.ended_at else observed
         per_worker = [vm_hwm_mb(worker.process.pid) for worker in workers if worker.process.poll() is None]
     return _figures(
-        args, server, run, mode=f"{args.workers} celery worker processes (--pool=solo)", seconds=seconds,
+        args,
+        server,
+        run,
+        mode=f"{args.workers} celery worker processes (--pool=solo)",
+        seconds=seconds,
         timing=f"enqueue of tokens.refresh_tokens -> RefreshRun.ended_at (polling saw it after {observed:.2f} s)",
-        peak_rss_mb=max(per_worker, default=0.0), per_worker_rss_mb=per_worker,
+        peak_rss_mb=max(per_worker, default=0.0),
+        per_worker_rss_mb=per_worker,
         rss_note="max VmHWM of the worker processes, sampled after the run",
     )
 
 
 def _figures(
-    args: argparse.Namespace, server: FakeBaomingServer, run: RefreshRun, *, mode: str, seconds: float, timing: str,
-    peak_rss_mb: float, rss_note: str, per_worker_rss_mb: list[float] | None = None,
+    args: argparse.Namespace,
+    server: FakeBaomingServer,
+    run: RefreshRun,
+    *,
+    mode: str,
+    seconds: float,
+    timing: str,
+    peak_rss_mb: float,
+    rss_note: str,
+    per_worker_rss_mb: list[float] | None = None,
 ) -> Figures:
     arrivals = list(server.state.arrivals)
     tightest, gaps = arrival_figures(arrivals, args.rate)
     return Figures(
-        mode=mode, tokens=args.tokens, workers=args.workers, concurrency=args.concurrency, rate=args.rate,
-        seconds=seconds, timing=timing, run_seconds=_seconds_between(run.started_at, run.ended_at),
-        peak_rss_mb=peak_rss_mb, rss_note=rss_note, per_worker_rss_mb=per_worker_rss_mb or [],
-        requests=len(arrivals), max_in_window=server.state.max_in_any_second(), tightest_span=tightest,
-        gap_stats_ms=gaps, status=run.status, planned=run.planned, total=run.total, ok=run.ok,
-        failed=run.failed, invalid=run.invalid, rate_limited=run.rate_limited,
+        mode=mode,
+        tokens=args.tokens,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        seconds=seconds,
+        timing=timing,
+        run_seconds=_seconds_between(run.started_at, run.ended_at),
+        peak_rss_mb=peak_rss_mb,
+        rss_note=rss_note,
+        per_worker_rss_mb=per_worker_rss_mb or [],
+        requests=len(arrivals),
+        max_in_window=server.state.max_in_any_second(),
+        tightest_span=tightest,
+        gap_stats_ms=gaps,
+        status=run.status,
+        planned=run.planned,
+        total=run.total,
+        ok=run.ok,
+        failed=run.failed,
+        invalid=run.invalid,
+        rate_limited=run.rate_limited,
     )
 
 
-def report(figures: Figures, args: argparse.Namespace) -> None:
+def report(figures: Figures, args: argparse.Namespace, *, log_dir: Path | None) -> None:
     ratio = figures.seconds / figures.ideal_seconds
     rows: list[tuple[str, str]] = [
         ("mode", figures.mode),
@@ -448,11 +524,13 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
         ("workers", str(figures.workers)),
         ("concurrency", f"{figures.concurrency} threads per process (BAOMING_CONCURRENCY)"),
         ("batch size", str(args.batch_size)),
-        ("latency", f"{args.latency * 1000:.0f} ms (fake upstream, Nagle {'on' if args.fake_nagle else 'off'})"),
+        ("latency", f"{args.latency * 1000:.0f} ms (fake upstream)"),
         ("rate limit", f"{figures.rate:g} req/s (BAOMING_RATE_LIMIT {args.limiter_rate:g})"),
         ("seconds", f"{figures.seconds:.2f}  [{figures.timing}]"),
-        ("run duration", "-" if figures.run_seconds is None else
-         f"{figures.run_seconds:.2f} s  [RefreshRun.started_at -> ended_at]"),
+        (
+            "run duration",
+            "-" if figures.run_seconds is None else f"{figures.run_seconds:.2f} s  [RefreshRun.started_at -> ended_at]",
+        ),
         ("tokens/s", f"{figures.tokens / figures.seconds:.1f}"),
         ("ideal seconds", f"{figures.ideal_seconds:.2f}  [tokens / rate]"),
         ("ratio", f"{ratio:.3f}  [seconds / ideal]"),
@@ -466,18 +544,31 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
         ("max in any 1 s", f"{figures.max_in_window} (limit {figures.rate:g}) {verdict}"),
     ]
     if figures.tightest_span is not None:
-        rows.append((f"tightest {math.floor(figures.rate) + 1} arrivals",
-                     f"{figures.tightest_span * 1000:.1f} ms  [< 1000 ms means the limit was broken]"))
+        rows.append(
+            (
+                f"tightest {math.floor(figures.rate) + 1} arrivals",
+                f"{figures.tightest_span * 1000:.1f} ms  [< 1000 ms means the limit was broken]",
+            )
+        )
     if figures.gap_stats_ms is not None:
         low, p1, median = figures.gap_stats_ms
-        rows.append(("arrival gaps", f"min {low:.2f} ms, p1 {p1:.2f} ms, median {median:.2f} ms "
-                                     f"(slot spacing {1000 / figures.rate:.2f} ms)"))
+        rows.append(
+            (
+                "arrival gaps",
+                f"min {low:.2f} ms, p1 {p1:.2f} ms, median {median:.2f} ms (slot spacing {1000 / figures.rate:.2f} ms)",
+            )
+        )
     rows += [
         ("run status", figures.status),
-        ("run counts", f"planned {figures.planned}, total {figures.total}, ok {figures.ok}, "
-                       f"failed {figures.failed}, invalid {figures.invalid}, rate-limited answers "
-                       f"{figures.rate_limited}"),
+        (
+            "run counts",
+            f"planned {figures.planned}, total {figures.total}, ok {figures.ok}, "
+            f"failed {figures.failed}, invalid {figures.invalid}, rate-limited answers "
+            f"{figures.rate_limited}",
+        ),
     ]
+    if log_dir is not None:
+        rows.append(("logs", str(log_dir)))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
@@ -494,10 +585,6 @@ def main(argv: list[str] | None = None) -> int:
 
     log_dir = Path(tempfile.mkdtemp(prefix="leasesite-bench-"))
     server = FakeBaomingServer(latency=args.latency, invalid_prefix="")
-    if not args.fake_nagle:
-        # The fake writes the headers and the body of an answer separately; with Nagle's algorithm
-        # the body waits for the client's delayed ACK (~40 ms on Linux), which no real upstream adds.
-        server.httpd.RequestHandlerClass.disable_nagle_algorithm = True
     server.start()
     try:
         configure_environment(args, api_base=server.url)
@@ -514,10 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BENCH_FAILED
     finally:
         server.stop()
-    report(figures, args)
-    if args.keep_logs:
-        print(f"{'logs':<14}  {log_dir}")
-    else:
+    report(figures, args, log_dir=log_dir if args.keep_logs else None)
+    if not args.keep_logs:
         for path in log_dir.iterdir():
             path.unlink()
         log_dir.rmdir()

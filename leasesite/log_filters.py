@@ -21,7 +21,7 @@ class SecretScrubFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a broken format string is not ours to fix here
+        except (TypeError, ValueError):  # a broken format string is not ours to fix here
             return True
         scrubbed = scrub_secrets(message)
         if record.exc_info and not record.exc_text:

@@ -179,6 +179,9 @@ BAOMING_PROBE_EID = env_str("BAOMING_PROBE_EID")
 BAOMING_RATE_LIMIT = env_float("BAOMING_RATE_LIMIT", 1.0, minimum=0, exclusive_minimum=True)
 BAOMING_CONCURRENCY = env_int("BAOMING_CONCURRENCY", 8, minimum=1)
 BAOMING_TIMEOUT = env_float("BAOMING_TIMEOUT", 10.0, minimum=0, exclusive_minimum=True)
+# Seconds of lateness the shared rate limiter absorbs so the upstream never sees more than
+# BAOMING_RATE_LIMIT requests in any one second (slots are (1 + this) / rate apart).
+RATE_LIMIT_JITTER_ALLOWANCE = env_float("RATE_LIMIT_JITTER_ALLOWANCE", 0.05, minimum=0)
 # How often one token is retried within a run after a rate-limit answer.
 BAOMING_RATE_LIMIT_RETRIES = env_int("BAOMING_RATE_LIMIT_RETRIES", 3, minimum=0)
 # Tokens per fan-out batch task (one batch is one task on one worker).

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import redis
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -7,6 +8,7 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from leasesite.metrics import metrics_render
+from leasesite.redis_client import get_redis
 
 
 @require_GET
@@ -21,11 +23,9 @@ def healthz(request: HttpRequest) -> JsonResponse:
         checks["database"] = "error"
     if settings.REDIS_URL:
         try:
-            from leasesite.redis_client import get_redis
-
             get_redis().ping()
             checks["redis"] = "ok"
-        except Exception:
+        except (redis.RedisError, OSError):
             checks["redis"] = "error"
     healthy = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ok" if healthy else "error", **checks}, status=200 if healthy else 503)

@@ -84,3 +84,18 @@ def test_local_limiter(rate):
     paused_at = time.monotonic()
     limiter.acquire()
     assert time.monotonic() - paused_at >= 0.28
+
+
+def test_slots_leave_room_for_jitter_so_no_second_holds_more_than_rate():
+    """With a jitter allowance J, rate + 1 grants always span at least 1 + J seconds."""
+    key = f"test:rl:{uuid.uuid4().hex}"
+    rate, jitter = 20.0, 0.05
+    limiter = RedisRateLimiter(redis_client(), key, rate, jitter)
+    started, stamps = hammer([limiter], per_thread=6, threads_per_limiter=4)
+    # Grant k never comes before k * (1 + J) / rate: rate + 1 grants span at least 1 + J seconds.
+    assert_never_ahead_of_schedule(started, stamps, rate / (1 + jitter))
+
+
+def test_interval_is_rounded_up():
+    limiter = RedisRateLimiter(redis_client(), f"test:rl:{uuid.uuid4().hex}", 3.0)
+    assert limiter._interval_us * 3 >= 1_000_000

@@ -61,6 +61,9 @@ class FakeBaomingState:
 def make_handler(state: FakeBaomingState) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like the real upstream
+        # Headers and body go out in two writes; with Nagle's algorithm the body would wait for the
+        # client's delayed ACK (~40 ms per answer), an artefact no real server has.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: object) -> None:
             pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from django.db import DatabaseError
+
 from tokens import reporting
 from tokens.models import DeletionReason, RefreshRun, RunKind, RunStatus
 from tokens.selectors import tokens_stale
@@ -57,7 +59,7 @@ def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> Refr
                 on_deleted=log_deleted,
             )
         status, error = RunStatus.SUCCEEDED, ""
-    except Exception as exc:
+    except DatabaseError as exc:
         status, error, deleted = RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None
         run.refresh_from_db()
     if deleted is not None:

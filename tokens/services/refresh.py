@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -147,21 +147,17 @@ def _load_rows(token_ids: list[int]) -> list[_TokenRow]:
     return sorted(loaded, key=lambda row: order.get(row.id, 0))
 
 
-def _check_rows(
-    rows: list[_TokenRow],
-    *,
-    client: BaomingClient,
-    limiter: RateLimiter,
-    heartbeat: Callable[[], None],
-    on_progress: Callable[[int], None] | None,
-) -> dict[int, TokenCheck]:
+def _submit_checks(
+    rows: list[_TokenRow], *, client: BaomingClient, limiter: RateLimiter
+) -> tuple[dict[Future, int], dict[int, TokenCheck]]:
+    """Queue every row's check on the process pool; undecryptable rows fail at once."""
     retries = settings.BAOMING_RATE_LIMIT_RETRIES
-    checks: dict[int, TokenCheck] = {}
     executor = _get_executor()
-    futures = {}
+    futures: dict[Future, int] = {}
+    failed_early: dict[int, TokenCheck] = {}
     for row in rows:
         if row.decrypt_error or not row.token:
-            checks[row.id] = TokenCheck(
+            failed_early[row.id] = TokenCheck(
                 row.id, CheckResult(CheckOutcome.TRANSIENT, "cannot decrypt token (encryption key missing?)"), 0
             )
             continue
@@ -169,12 +165,22 @@ def _check_rows(
             token_check, token=row.token, client=client, limiter=limiter, rate_limit_retries=retries
         )
         futures[future] = row.id
+    return futures, failed_early
+
+
+def _collect_checks(
+    futures: dict[Future, int],
+    checks: dict[int, TokenCheck],
+    *,
+    heartbeat: Callable[[], None],
+    on_progress: Callable[[int], None] | None,
+) -> dict[int, TokenCheck]:
     last_beat = time.monotonic()
     for future in as_completed(futures):
         token_id = futures[future]
         try:
             result, throttled = future.result()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. the limiter's Redis went away
             result, throttled = CheckResult(CheckOutcome.TRANSIENT, f"check aborted: {type(exc).__name__}"), 0
             logger.warning("token %s check aborted: %s", token_id, type(exc).__name__)
         checks[token_id] = TokenCheck(token_id, result, throttled)
@@ -340,32 +346,41 @@ def token_refresh_start(
     return run
 
 
-def token_refresh_batch(
-    *,
-    batch_id: int,
-    client: BaomingClient | None = None,
-    limiter: RateLimiter | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> bool:
-    """Check one batch and record it; idempotent (a done batch or a closed run is skipped)."""
+@dataclass
+class _BatchInFlight:
+    batch: RefreshBatch
+    run: RefreshRun
+    rows: list[_TokenRow]
+    futures: dict[Future, int]
+    checks: dict[int, TokenCheck]
+
+    def heartbeat(self) -> None:
+        if not self.run.dry_run:
+            lock_renew(name=REFRESH_LOCK_NAME, owner=self.run.lock_owner, ttl_seconds=settings.BAOMING_RUN_LOCK_TTL)
+
+
+def _batch_begin(*, batch_id: int, client: BaomingClient | None, limiter: RateLimiter | None) -> _BatchInFlight | None:
+    """Load a batch and queue its checks; None when there is nothing to do."""
     batch = RefreshBatch.objects.select_related("run").filter(pk=batch_id).first()
     if batch is None or batch.status == BatchStatus.DONE or batch.run.is_final:
-        return False
-    run = batch.run
+        return None
     client = client or get_baoming_client()
     limiter = limiter or get_rate_limiter(name="baoming", rate=settings.BAOMING_RATE_LIMIT)
-
-    def heartbeat() -> None:
-        if not run.dry_run:
-            lock_renew(name=REFRESH_LOCK_NAME, owner=run.lock_owner, ttl_seconds=settings.BAOMING_RUN_LOCK_TTL)
-
-    heartbeat()
     rows = _load_rows(list(batch.token_ids))
-    checks = _check_rows(rows, client=client, limiter=limiter, heartbeat=heartbeat, on_progress=on_progress)
-    if not _record_checks(run=run, batch=batch, checks=checks.values()):
+    futures, checks = _submit_checks(rows, client=client, limiter=limiter)
+    inflight = _BatchInFlight(batch=batch, run=batch.run, rows=rows, futures=futures, checks=checks)
+    inflight.heartbeat()
+    return inflight
+
+
+def _batch_finish(inflight: _BatchInFlight, *, on_progress: Callable[[int], None] | None) -> bool:
+    """Wait for a batch's checks, record them, log them; maybe trip the breaker or finish the run."""
+    run, rows = inflight.run, inflight.rows
+    checks = _collect_checks(inflight.futures, inflight.checks, heartbeat=inflight.heartbeat, on_progress=on_progress)
+    if not _record_checks(run=run, batch=inflight.batch, checks=checks.values()):
         return False
-    heartbeat()
-    base_index = batch.number * run.batch_size
+    inflight.heartbeat()
+    base_index = inflight.batch.number * run.batch_size
     for offset, row in enumerate(rows, start=1):
         check = checks[row.id]
         reporting.log_token_line(
@@ -388,6 +403,20 @@ def token_refresh_batch(
     _evaluate_breaker(run.pk)
     _finalize_if_complete(run.pk)
     return True
+
+
+def token_refresh_batch(
+    *,
+    batch_id: int,
+    client: BaomingClient | None = None,
+    limiter: RateLimiter | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> bool:
+    """Check one batch and record it; idempotent (a done batch or a closed run is skipped)."""
+    inflight = _batch_begin(batch_id=batch_id, client=client, limiter=limiter)
+    if inflight is None:
+        return False
+    return _batch_finish(inflight, on_progress=on_progress)
 
 
 def _finalize_if_complete(run_id: int) -> None:
