@@ -517,6 +517,11 @@ def _figures(
 
 
 def report(figures: Figures, args: argparse.Namespace, *, log_dir: Path | None) -> None:
+    from django.conf import settings
+
+    from leasesite.ratelimit import slot_interval_seconds
+
+    jitter = settings.RATE_LIMIT_JITTER_ALLOWANCE
     ratio = figures.seconds / figures.ideal_seconds
     rows: list[tuple[str, str]] = [
         ("mode", figures.mode),
@@ -555,7 +560,9 @@ def report(figures: Figures, args: argparse.Namespace, *, log_dir: Path | None) 
         rows.append(
             (
                 "arrival gaps",
-                f"min {low:.2f} ms, p1 {p1:.2f} ms, median {median:.2f} ms (slot spacing {1000 / figures.rate:.2f} ms)",
+                f"min {low:.2f} ms, p1 {p1:.2f} ms, median {median:.2f} ms "
+                f"(limiter slots {slot_interval_seconds(args.limiter_rate, jitter) * 1000:.2f} ms apart, "
+                f"jitter allowance {jitter * 1000:.0f} ms)",
             )
         )
     rows += [
