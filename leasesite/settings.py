@@ -50,7 +50,6 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -93,6 +92,8 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 # --- Language and time ------------------------------------------------------------------------
+# The operators' language comes from the environment, not from each browser's Accept-Language
+# (so no LocaleMiddleware): a console in English on one laptop and Chinese on another helps nobody.
 LANGUAGE_CODE = env_str("DJANGO_LANGUAGE_CODE", "zh-hans") or "zh-hans"
 LANGUAGES = [("zh-hans", _("Simplified Chinese")), ("en", _("English"))]
 # Translations live in each app's locale/ folder (zh_Hans), found through INSTALLED_APPS.

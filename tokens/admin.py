@@ -205,7 +205,7 @@ class RefreshRunAdmin(ReadOnlyAdmin):
         "status",
         "dry_run",
         "started_at",
-        "duration_seconds",
+        "duration_display",
         "planned",
         "total",
         "ok",
@@ -218,6 +218,10 @@ class RefreshRunAdmin(ReadOnlyAdmin):
     list_filter = ("kind", "status", "trigger", "breaker_tripped", "dry_run")
     date_hierarchy = "started_at"
     exclude = ("lock_owner",)
+
+    @admin.display(description=_("duration (s)"), ordering="duration_seconds")
+    def duration_display(self, obj: RefreshRun) -> str:
+        return "-" if obj.duration_seconds is None else f"{obj.duration_seconds:.2f}"
 
 
 @admin.register(TokenDeletion)
