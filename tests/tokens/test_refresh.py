@@ -279,3 +279,24 @@ def test_two_concurrent_runs_do_not_both_work(upstream, make_token):
         thread.join()
     assert sorted(outcomes) == ["refused", "started"]
     assert RefreshRun.objects.count() == 1
+
+
+def test_a_token_encrypted_with_a_lost_key_fails_alone(upstream, make_token):
+    from cryptography.fernet import Fernet
+
+    good = make_token()
+    orphan = make_token()
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"f" * 32).decode()
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE tokens_baomingtoken SET token = %s WHERE id = %s", [foreign, orphan.pk])
+    result = run()
+    assert (result.status, result.total, result.ok, result.failed, result.deleted) == (
+        RunStatus.SUCCEEDED,
+        2,
+        1,
+        1,
+        0,
+    )
+    assert upstream.calls_for(good.token) == 1 and len(upstream.requests) == 1
+    kept = BaomingToken.objects.filter(pk=orphan.pk).values("consecutive_failures", "last_error").get()
+    assert kept == {"consecutive_failures": 1, "last_error": "cannot decrypt token (encryption key missing?)"}

@@ -327,7 +327,12 @@ def token_refresh_start(
             run.save(update_fields=["planned", "batches_total", "batch_size"])
             if dispatch is not None and number:
                 batch_ids = list(run.batches.order_by("number").values_list("id", flat=True))
-                transaction.on_commit(lambda: [dispatch(batch_id) for batch_id in batch_ids])
+
+                def dispatch_all() -> None:
+                    for batch_id in batch_ids:
+                        dispatch(batch_id)
+
+                transaction.on_commit(dispatch_all)
     except BaseException:
         if not dry_run:
             lock_release(name=REFRESH_LOCK_NAME, owner=owner)
