@@ -3,6 +3,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from tokens.models import BaomingToken, DeletionReason, RunKind, RunStatus, TokenDeletion
@@ -42,9 +44,12 @@ def test_cleanup_in_batches(make_token, monkeypatch):
     old = timezone.now() - timedelta(days=100)
     for _ in range(8):
         make_token(created_at=old)
-    run = token_cleanup_run(days=30, trigger="beat")
+    with CaptureQueriesContext(connection) as queries:
+        run = token_cleanup_run(days=30, trigger="beat")
     assert run.deleted == 8 and not BaomingToken.objects.exists()
     assert TokenDeletion.objects.count() == 8
+    token_deletes = [q for q in queries if q["sql"].startswith('DELETE FROM "tokens_baomingtoken"')]
+    assert len(token_deletes) == 3  # chunks of 3, 3 and 2
 
 
 def test_dry_run_deletes_nothing(make_token):
@@ -57,3 +62,35 @@ def test_dry_run_deletes_nothing(make_token):
 def test_days_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         token_cleanup_run(days=0, trigger="command")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_cleanups_at_once_audit_each_token_once(make_token, monkeypatch):
+    import threading
+
+    from django.db import connection
+
+    from tokens.services import deletion
+
+    monkeypatch.setattr(deletion, "DELETE_CHUNK_SIZE", 5)
+    old = timezone.now() - timedelta(days=100)
+    ids = {make_token(created_at=old).pk for _ in range(40)}
+    barrier = threading.Barrier(2)
+    runs = []
+
+    def clean() -> None:
+        barrier.wait()
+        try:
+            runs.append(token_cleanup_run(days=30, trigger="beat"))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=clean) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not BaomingToken.objects.exists()
+    audited = list(TokenDeletion.objects.values_list("token_pk", flat=True))
+    assert sorted(audited) == sorted(ids)  # every token exactly once
+    assert sum(run.deleted for run in runs) == 40

@@ -29,7 +29,7 @@ def tokens_delete(
     run: RefreshRun | None = None,
     actor: AbstractBaseUser | None = None,
     detail: str = "",
-    chunk_size: int = DELETE_CHUNK_SIZE,
+    chunk_size: int | None = None,
     on_deleted: Callable[[TokenDeletion], None] | None = None,
 ) -> int:
     """Delete every token of ``queryset`` in chunks; return how many were deleted.
@@ -37,6 +37,7 @@ def tokens_delete(
     Rows are claimed with ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite serialises
     writers anyway), so two deleters running at once never audit the same token twice.
     """
+    chunk_size = chunk_size or DELETE_CHUNK_SIZE  # read at call time, so it can be tuned
     deleted_total = 0
     while True:
         with transaction.atomic():
