@@ -1,1 +1,269 @@
-"""Seat leases (Team, MemberLease, LeaseEvent, RedemptionCode) arrive with the lease-engine issue."""
+"""Data of the seat-lease engine: teams, leases, their event log and redemption codes (DESIGN §5).
+
+Models hold fields, choices, constraints and the allowed-transitions table. Every status change
+goes through ``leases.services.transitions`` (the only writer of ``MemberLease.status``).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models.functions import Lower, Upper
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from leases.providers import PROVIDER_CHOICES
+from leasesite.crypto import mask_secret
+from leasesite.fields import EncryptedTextField
+
+
+class LeaseStatus(models.TextChoices):
+    PENDING = "pending", _("pending (invited)")
+    ACTIVE = "active", _("active")
+    TRANSFERRING = "transferring", _("transferring")
+    FAILED = "failed", _("failed (needs a human)")
+    CANCELLED = "cancelled", _("cancelled")
+    EXPIRED = "expired", _("expired")
+
+
+class LeaseAction(models.TextChoices):
+    REDEEMED = "redeemed", _("redeemed")
+    INVITED = "invited", _("invited")
+    INVITE_FAILED = "invite_failed", _("invite failed")
+    REINVITED = "reinvited", _("re-invited")
+    JOINED = "joined", _("joined")
+    TRANSFER_STARTED = "transfer_started", _("transfer started")
+    LEFT_OLD_TEAM = "left_old_team", _("left old team")
+    TRANSFERRED = "transferred", _("transferred")
+    TRANSFER_RETRY = "transfer_retry", _("transfer retry scheduled")
+    TRANSFER_FAILED = "transfer_failed", _("transfer failed")
+    EXPIRED = "expired", _("expired")
+    CANCELLED = "cancelled", _("cancelled")
+    RESET = "reset", _("reset by operator")
+    RETRY = "retry", _("retry by operator")
+    IMPORTED = "imported", _("imported from the old system")
+    NOTE = "note", _("note")
+
+
+FINAL_STATUSES = frozenset({LeaseStatus.CANCELLED, LeaseStatus.EXPIRED})
+NON_FINAL_STATUSES = tuple(s for s in LeaseStatus if s not in FINAL_STATUSES)
+# A lease in one of these holds a seat in ``team`` (a pending invite counts as a used seat; a
+# failed lease may still be seated, so it keeps its seat until an operator decides).
+SEAT_HOLDING_STATUSES = NON_FINAL_STATUSES
+
+# The state machine (DESIGN §5). Anything not listed is refused by the transition function.
+ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    LeaseStatus.PENDING: frozenset({LeaseStatus.ACTIVE, LeaseStatus.CANCELLED}),
+    LeaseStatus.ACTIVE: frozenset(
+        {LeaseStatus.TRANSFERRING, LeaseStatus.EXPIRED, LeaseStatus.CANCELLED, LeaseStatus.FAILED}
+    ),
+    # transferring -> expired: the entitlement ended, the member was removed from the team.
+    LeaseStatus.TRANSFERRING: frozenset(
+        {LeaseStatus.PENDING, LeaseStatus.EXPIRED, LeaseStatus.FAILED, LeaseStatus.CANCELLED}
+    ),
+    LeaseStatus.FAILED: frozenset({LeaseStatus.ACTIVE, LeaseStatus.TRANSFERRING, LeaseStatus.CANCELLED}),
+    LeaseStatus.CANCELLED: frozenset(),
+    LeaseStatus.EXPIRED: frozenset(),
+}
+
+
+class TransferStep(models.TextChoices):
+    """How far the current transfer got; written in the same transaction as its event."""
+
+    NONE = "", _("not started")
+    INVITED = "invited", _("invited to the next team")
+
+
+class Team(models.Model):
+    """A team whose seats we lease, reached through a provider (DESIGN §4)."""
+
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    provider = models.CharField(_("provider"), max_length=32, choices=PROVIDER_CHOICES, default="http")
+    api_base = models.URLField(_("API base URL"), max_length=500, blank=True)
+    api_token = EncryptedTextField(_("API token"), blank=True)
+    capacity = models.PositiveIntegerField(_("capacity (seats)"))
+    is_active = models.BooleanField(_("active"), default=True)
+    expires_at = models.DateTimeField(_("team expires at"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
+    # What the last successful join sync saw at the provider (seats used by people we do not
+    # lease count too).
+    last_synced_at = models.DateTimeField(_("last synced at"), null=True, blank=True)
+    members_seen = models.PositiveIntegerField(_("members at last sync"), null=True, blank=True)
+    invites_seen = models.PositiveIntegerField(_("invites at last sync"), null=True, blank=True)
+    last_sync_error = models.TextField(_("last sync error"), blank=True)
+
+    class Meta:
+        verbose_name = _("team")
+        verbose_name_plural = _("teams")
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(capacity__gte=1), name="team_capacity_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def masked_api_token(self) -> str:
+        return mask_secret(self.api_token)
+
+
+class MemberLease(models.Model):
+    """One customer's seat, moving from team to team until its entitlement ends."""
+
+    public_id = models.UUIDField(_("public id"), default=uuid.uuid4, unique=True, editable=False)
+    email = models.EmailField(_("email"), max_length=254)
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="leases", verbose_name=_("team"))
+    term_months = models.PositiveSmallIntegerField(_("term (months)"))
+    total_months = models.PositiveSmallIntegerField(_("entitlement (months)"), null=True, blank=True)
+    created_at = models.DateTimeField(_("redeemed at"), default=timezone.now, editable=False)
+    invited_at = models.DateTimeField(_("invited at"), null=True, blank=True)
+    joined_at = models.DateTimeField(_("joined at"), null=True, blank=True)
+    expires_at = models.DateTimeField(_("expires at"), null=True, blank=True, db_index=True)
+    ends_at = models.DateTimeField(_("entitlement ends at"), null=True, blank=True)
+    status = models.CharField(
+        _("status"), max_length=16, choices=LeaseStatus.choices, default=LeaseStatus.PENDING, db_index=True
+    )
+    attempts = models.PositiveSmallIntegerField(_("attempts"), default=0)
+    next_attempt_at = models.DateTimeField(_("next attempt at"), null=True, blank=True)
+    last_error = models.TextField(_("last error"), blank=True)
+    # The member's id at the provider (needed to remove them), learnt by the join sync.
+    provider_member_id = models.CharField(_("member id at provider"), max_length=200, blank=True)
+    # Join sync: consecutive syncs in which a pending lease was neither a member nor invited.
+    missed_syncs = models.PositiveSmallIntegerField(_("missed syncs"), default=0)
+    # Transfer bookkeeping: the team being moved to while ``transferring`` and how far it got.
+    transfer_team = models.ForeignKey(
+        Team,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="incoming_leases",
+        verbose_name=_("transferring to"),
+    )
+    transfer_step = models.CharField(
+        _("transfer step"), max_length=16, choices=TransferStep.choices, default=TransferStep.NONE, blank=True
+    )
+    # A worker's short claim on the lease while it talks to providers (crash: the claim lapses).
+    claimed_until = models.DateTimeField(_("claimed until"), null=True, blank=True)
+    claimed_by = models.CharField(_("claimed by"), max_length=64, blank=True)
+    legacy_id = models.CharField(_("id in the old system"), max_length=64, null=True, blank=True, unique=True)
+
+    class Meta:
+        verbose_name = _("member lease")
+        verbose_name_plural = _("member leases")
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["status", "expires_at"], name="lease_status_expires_idx"),
+            models.Index(fields=["team", "status"], name="lease_team_status_idx"),
+            models.Index(Lower("email"), name="lease_email_lower_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                Lower("email"),
+                "team",
+                condition=models.Q(status__in=NON_FINAL_STATUSES),
+                name="lease_one_open_lease_per_email_and_team",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(status=LeaseStatus.ACTIVE)
+                | models.Q(joined_at__isnull=False, expires_at__isnull=False),
+                name="lease_active_has_joined_and_expires",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(status__in=[s.value for s in LeaseStatus]),
+                name="lease_status_known",
+            ),
+            models.CheckConstraint(condition=models.Q(term_months__gte=1), name="lease_term_positive"),
+            models.CheckConstraint(
+                condition=models.Q(expires_at__isnull=True)
+                | models.Q(joined_at__isnull=False, expires_at__gt=models.F("joined_at")),
+                name="lease_expires_after_joined",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(status=LeaseStatus.TRANSFERRING)
+                | models.Q(transfer_team__isnull=True, transfer_step=""),
+                name="lease_transfer_fields_only_while_transferring",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(transfer_team__isnull=True) | ~models.Q(transfer_team=models.F("team")),
+                name="lease_transfer_to_another_team",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.email} @ {self.team_id} ({self.status})"
+
+
+class LeaseEvent(models.Model):
+    """Append-only history of a lease: who did what, from which status to which."""
+
+    lease = models.ForeignKey(MemberLease, on_delete=models.CASCADE, related_name="events", verbose_name=_("lease"))
+    action = models.CharField(_("action"), max_length=32, choices=LeaseAction.choices)
+    from_status = models.CharField(_("from status"), max_length=16, choices=LeaseStatus.choices, blank=True)
+    to_status = models.CharField(_("to status"), max_length=16, choices=LeaseStatus.choices, blank=True)
+    created_at = models.DateTimeField(_("at"), default=timezone.now, editable=False, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("operator"),
+    )
+    detail = models.JSONField(_("detail"), default=dict, blank=True)
+
+    class Meta:
+        verbose_name = _("lease event")
+        verbose_name_plural = _("lease events")
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.from_status}->{self.to_status}"
+
+
+class RedemptionCode(models.Model):
+    """A code a customer redeems for a seat. Stored upper-case; matched case-insensitively."""
+
+    code = models.CharField(_("code"), max_length=64, unique=True)
+    term_months = models.PositiveSmallIntegerField(_("term (months)"))
+    total_months = models.PositiveSmallIntegerField(_("entitlement (months)"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
+    redeemed_at = models.DateTimeField(_("redeemed at"), null=True, blank=True)
+    lease = models.OneToOneField(
+        MemberLease,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="redemption_code",
+        verbose_name=_("lease"),
+    )
+    batch = models.CharField(_("batch"), max_length=100, blank=True, db_index=True)
+
+    class Meta:
+        verbose_name = _("redemption code")
+        verbose_name_plural = _("redemption codes")
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(Upper("code"), name="redemptioncode_code_ci_unique"),
+            # Redeemed <=> points at its lease: a used code without a lease (or the reverse)
+            # cannot be stored.
+            models.CheckConstraint(
+                condition=models.Q(redeemed_at__isnull=True, lease__isnull=True)
+                | models.Q(redeemed_at__isnull=False, lease__isnull=False),
+                name="redemptioncode_redeemed_iff_lease",
+            ),
+            models.CheckConstraint(condition=models.Q(term_months__gte=1), name="redemptioncode_term_positive"),
+            models.CheckConstraint(
+                condition=models.Q(total_months__isnull=True) | models.Q(total_months__gte=models.F("term_months")),
+                name="redemptioncode_total_covers_term",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.code
+
+    @property
+    def is_redeemed(self) -> bool:
+        return self.redeemed_at is not None

@@ -141,3 +141,38 @@ def get_rate_limiter(*, name: str, rate: float, jitter: float | None = None) -> 
 
         return RedisRateLimiter(get_redis(), f"leasesite:ratelimit:{name}", rate, jitter)
     return _local_limiter(name, rate, jitter)
+
+
+# -- attempt counting (abuse protection) --------------------------------------------------------------
+_local_windows: dict[str, tuple[float, int]] = {}
+_local_windows_lock = threading.Lock()
+
+
+def attempts_allow(*, key: str, limit: int, window_seconds: int) -> bool:
+    """Count one attempt for ``key``; False once more than ``limit`` fell in the current window.
+
+    A fixed window in Redis (INCR + EXPIRE, shared by every web process) or, without Redis, in
+    this process. Redis being down fails open: a login-free public form must not go dark because
+    the limiter's store did.
+    """
+    if settings.REDIS_URL:
+        import redis as redis_lib
+
+        from leasesite.redis_client import get_redis
+
+        name = f"leasesite:attempts:{key}"
+        try:
+            pipe = get_redis().pipeline()
+            pipe.incr(name)
+            pipe.expire(name, window_seconds, nx=True)
+            count, _ = pipe.execute()
+        except redis_lib.RedisError:
+            return True
+        return int(count) <= limit
+    now = time.monotonic()
+    with _local_windows_lock:
+        started, count = _local_windows.get(key, (now, 0))
+        if now - started >= window_seconds:
+            started, count = now, 0
+        _local_windows[key] = (started, count + 1)
+        return count + 1 <= limit

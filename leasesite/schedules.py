@@ -49,6 +49,24 @@ DEFAULT_SCHEDULES: list[DefaultSchedule] = [
         crontab=("0", "3", "0"),
         expire_seconds=36 * 3600,
     ),
+    DefaultSchedule(
+        name="leases: join sync",
+        task="leases.sync_joins",
+        every_minutes=5,
+        expire_seconds=450,
+    ),
+    DefaultSchedule(
+        name="leases: transfer due leases",
+        task="leases.run_transfers",
+        every_minutes=5,
+        expire_seconds=450,
+    ),
+    DefaultSchedule(
+        name="leases: orphan check",
+        task="leases.check_orphans",
+        every_minutes=60,
+        expire_seconds=90 * 60,
+    ),
 ]
 
 

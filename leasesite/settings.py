@@ -194,6 +194,28 @@ BAOMING_BREAKER_MIN_ANSWERS = env_int("BAOMING_BREAKER_MIN_ANSWERS", 20, minimum
 # A refresh run's lock expires if its owner stops renewing it (crash) for this long.
 BAOMING_RUN_LOCK_TTL = env_int("BAOMING_RUN_LOCK_TTL", 600, minimum=10)
 
+# --- Seat leases (DESIGN §4-§7) -----------------------------------------------------------------
+LEASE_PROVIDER_TIMEOUT = env_float("LEASE_PROVIDER_TIMEOUT", 10.0, minimum=0, exclusive_minimum=True)
+LEASE_PROVIDER_PAGE_SIZE = env_int("LEASE_PROVIDER_PAGE_SIZE", 100, minimum=1)
+# A pending lease missing from both the members and the invites listing this many syncs in a row
+# is invited again.
+LEASE_REINVITE_AFTER_MISSED_SYNCS = env_int("LEASE_REINVITE_AFTER_MISSED_SYNCS", 3, minimum=1)
+# Transfer retries: exponential backoff with jitter, stored in next_attempt_at; after this many
+# failed attempts the lease goes "failed" and people are alerted.
+LEASE_TRANSFER_MAX_ATTEMPTS = env_int("LEASE_TRANSFER_MAX_ATTEMPTS", 5, minimum=1)
+LEASE_TRANSFER_BACKOFF_SECONDS = env_float("LEASE_TRANSFER_BACKOFF_SECONDS", 60.0, minimum=0)
+LEASE_TRANSFER_BACKOFF_MAX_SECONDS = env_float("LEASE_TRANSFER_BACKOFF_MAX_SECONDS", 3600.0, minimum=0)
+# Leases one transfer run claims at a time, and how many it moves at once (threads per process).
+LEASE_TRANSFER_BATCH_SIZE = env_int("LEASE_TRANSFER_BATCH_SIZE", 50, minimum=1)
+LEASE_TRANSFER_CONCURRENCY = env_int("LEASE_TRANSFER_CONCURRENCY", 4, minimum=1)
+# A worker's claim on a lease lapses after this long, so a crashed transfer is resumed.
+LEASE_CLAIM_TTL = env_int("LEASE_CLAIM_TTL", 300, minimum=10)
+# The public redemption page: attempts per client address per window.
+LEASE_REDEEM_RATE_LIMIT = env_int("LEASE_REDEEM_RATE_LIMIT", 10, minimum=1)
+LEASE_REDEEM_RATE_WINDOW = env_int("LEASE_REDEEM_RATE_WINDOW", 600, minimum=1)
+# Behind a reverse proxy, the client address is the last hop of X-Forwarded-For.
+LEASE_REDEEM_TRUST_X_FORWARDED_FOR = env_bool("LEASE_REDEEM_TRUST_X_FORWARDED_FOR", False)
+
 # --- Alerts -----------------------------------------------------------------------------------------
 NOTIFY_URLS = env_list("NOTIFY_URLS")
 

@@ -25,6 +25,10 @@ os.environ.setdefault("BAOMING_API_BASE", "http://127.0.0.1:9")  # tests point i
 os.environ.setdefault("BAOMING_RATE_LIMIT", "1000")
 os.environ.setdefault("BAOMING_TIMEOUT", "2")
 os.environ.setdefault("DJANGO_LANGUAGE_CODE", "zh-hans")
+os.environ.setdefault("LEASE_PROVIDER_TIMEOUT", "2")
+# Inline transfers by default: threads would not see a test's uncommitted rows. Tests of the
+# threaded path use transaction=True and set it themselves.
+os.environ.setdefault("LEASE_TRANSFER_CONCURRENCY", "1")
 os.environ["NOTIFY_URLS"] = ""
 
 from leasesite.settings import *  # noqa: E402, F403

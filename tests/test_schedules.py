@@ -12,6 +12,9 @@ EXPECTED = {
     "tokens: refresh tokens used within 7 days": ("tokens.refresh_tokens", {"max_age_days": 7}),
     "tokens: refresh all tokens": ("tokens.refresh_tokens", {"max_age_days": None}),
     "tokens: clean up tokens unused for 30 days": ("tokens.cleanup_tokens", {"days": 30}),
+    "leases: join sync": ("leases.sync_joins", {}),
+    "leases: transfer due leases": ("leases.run_transfers", {}),
+    "leases: orphan check": ("leases.check_orphans", {}),
 }
 
 
@@ -27,6 +30,11 @@ def test_migrate_installed_the_default_schedules(settings):
     assert (daily.minute, daily.hour, daily.day_of_week, str(daily.timezone)) == ("0", "2", "*", settings.TIME_ZONE)
     sunday = tasks["tokens: clean up tokens unused for 30 days"].crontab
     assert (sunday.minute, sunday.hour, sunday.day_of_week) == ("0", "3", "0")
+    for name in ("leases: join sync", "leases: transfer due leases"):
+        every_5m = tasks[name].interval
+        assert (every_5m.every, every_5m.period) == (5, IntervalSchedule.MINUTES)
+        assert tasks[name].expire_seconds <= 600
+    assert tasks["leases: orphan check"].interval.every == 60
 
 
 def test_setup_schedules_is_idempotent_and_keeps_operator_changes(capsys):

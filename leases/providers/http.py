@@ -1,0 +1,162 @@
+"""The built-in ``http`` team provider: the JSON contract of DESIGN §4.
+
+One ``requests.Session`` per process (connection reuse), explicit timeouts, typed errors:
+HTTP 429, 5xx, timeouts, connection errors and malformed answers are ``TransientProviderError``;
+other 4xx are ``PermanentProviderError``; 409 on invite and 404 on removal mean "already done".
+Listings are paged with ``offset``/``limit`` until ``total`` items were read.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from django.conf import settings
+from requests.adapters import HTTPAdapter
+
+from leases.providers.base import (
+    PermanentProviderError,
+    ProviderInvite,
+    ProviderMember,
+    TransientProviderError,
+)
+
+MAX_PAGES = 10_000  # a provider whose "total" never ends must not loop us forever
+
+
+@lru_cache(maxsize=1)
+def _session() -> requests.Session:
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=32, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "leasesite/1 (+team-provider)"
+    return session
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """ISO-8601 (``Z`` or offset; naive means UTC) or epoch seconds; None when absent."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, tz=UTC)
+    if not isinstance(value, str):
+        raise TransientProviderError(f"malformed answer: timestamp {value!r} is not a string")
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise TransientProviderError(f"malformed answer: timestamp {value[:40]!r} is not ISO-8601") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+class HttpTeamProvider:
+    def __init__(self, *, api_base: str, api_token: str, timeout: float | None = None) -> None:
+        if not api_base:
+            raise PermanentProviderError("the team has no API base URL")
+        self.api_base = api_base.rstrip("/") + "/"
+        self._headers = {"Authorization": f"Bearer {api_token}", "Accept": "application/json"}
+        self.timeout = timeout if timeout is not None else settings.LEASE_PROVIDER_TIMEOUT
+        self.page_size = settings.LEASE_PROVIDER_PAGE_SIZE
+        self.calls = 0
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        self.calls += 1
+        url = self.api_base + path
+        try:
+            response = _session().request(method, url, headers=self._headers, timeout=self.timeout, **kwargs)
+        except requests.Timeout:
+            raise TransientProviderError(f"{method} {path}: timed out after {self.timeout:g}s") from None
+        except requests.RequestException as exc:
+            raise TransientProviderError(f"{method} {path}: connection error ({type(exc).__name__})") from None
+        return response
+
+    @staticmethod
+    def _raise_for(method: str, path: str, response: requests.Response) -> None:
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise TransientProviderError(f"{method} {path}: HTTP {status}", status=status)
+        if status >= 400:
+            raise PermanentProviderError(f"{method} {path}: HTTP {status}", status=status)
+
+    def _page(self, path: str, offset: int) -> tuple[list[dict], int]:
+        response = self._request("GET", path, params={"offset": offset, "limit": self.page_size})
+        if response.status_code != 200:
+            self._raise_for("GET", path, response)
+            raise TransientProviderError(f"GET {path}: unexpected HTTP {response.status_code}")
+        try:
+            payload = response.json()
+        except (ValueError, json.JSONDecodeError):
+            raise TransientProviderError(f"GET {path}: malformed answer (not JSON)") from None
+        if not isinstance(payload, dict):
+            raise TransientProviderError(f"GET {path}: malformed answer (not an object)")
+        items, total = payload.get("items"), payload.get("total")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise TransientProviderError(f"GET {path}: malformed answer (items is not a list of objects)")
+        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+            raise TransientProviderError(f"GET {path}: malformed answer (total is not a count)")
+        return items, total
+
+    def _list(self, path: str) -> list[dict]:
+        collected: list[dict] = []
+        offset = 0
+        for _ in range(MAX_PAGES):
+            items, total = self._page(path, offset)
+            collected.extend(items)
+            offset += len(items)
+            if not items or offset >= total:
+                return collected
+        raise TransientProviderError(f"GET {path}: more than {MAX_PAGES} pages")
+
+    @staticmethod
+    def _email(item: dict, path: str) -> str:
+        email = item.get("email")
+        if not isinstance(email, str) or "@" not in email:
+            raise TransientProviderError(f"GET {path}: malformed answer (an item has no email)")
+        return email.strip().lower()
+
+    # -- the interface ---------------------------------------------------------------------------
+    def list_members(self) -> list[ProviderMember]:
+        members: dict[str, ProviderMember] = {}
+        for item in self._list("members"):
+            member_id = item.get("id")
+            if not isinstance(member_id, str | int) or isinstance(member_id, bool) or member_id == "":
+                raise TransientProviderError("GET members: malformed answer (an item has no id)")
+            member = ProviderMember(
+                id=str(member_id), email=self._email(item, "members"), joined_at=parse_timestamp(item.get("joined_at"))
+            )
+            members[member.id] = member  # a page boundary shifting under us must not count twice
+        return list(members.values())
+
+    def list_invites(self) -> list[ProviderInvite]:
+        invites: dict[str, ProviderInvite] = {}
+        for item in self._list("invites"):
+            email = self._email(item, "invites")
+            invites[email] = ProviderInvite(email=email, invited_at=parse_timestamp(item.get("invited_at")))
+        return list(invites.values())
+
+    def invite(self, email: str) -> None:
+        response = self._request("POST", "invites", json={"email": email})
+        if response.status_code in (200, 201, 202, 204, 409):
+            return
+        self._raise_for("POST", "invites", response)
+        raise TransientProviderError(f"POST invites: unexpected HTTP {response.status_code}")
+
+    def remove_member(self, member_id: str) -> None:
+        self._delete(f"members/{quote(str(member_id), safe='')}")
+
+    def cancel_invite(self, email: str) -> None:
+        self._delete(f"invites/{quote(email, safe='@')}")
+
+    def _delete(self, path: str) -> None:
+        response = self._request("DELETE", path)
+        if response.status_code in (200, 202, 204, 404):
+            return
+        self._raise_for("DELETE", path, response)
+        raise TransientProviderError(f"DELETE {path}: unexpected HTTP {response.status_code}")

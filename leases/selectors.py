@@ -1,0 +1,98 @@
+"""Read-only queries of the lease engine that more than one service uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.core.exceptions import ValidationError
+from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from leases.models import NON_FINAL_STATUSES, LeaseStatus, MemberLease, Team
+from leases.timeutils import add_months
+
+
+def _count_subquery(**filters: object) -> Coalesce:
+    rows = (
+        MemberLease.objects.filter(**filters)
+        .order_by()
+        .values(next(iter(filters)).split("__")[0])
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    return Coalesce(Subquery(rows, output_field=IntegerField()), 0)
+
+
+def teams_with_seat_usage(queryset: QuerySet[Team] | None = None) -> QuerySet[Team]:
+    """Teams annotated with ``seats_held`` (leases seated or invited there, incoming transfers
+    included) in one query."""
+    queryset = Team.objects.all() if queryset is None else queryset
+    return queryset.annotate(
+        leases_held=_count_subquery(team=OuterRef("pk"), status__in=NON_FINAL_STATUSES),
+        leases_incoming=_count_subquery(transfer_team=OuterRef("pk"), status=LeaseStatus.TRANSFERRING),
+    )
+
+
+def team_seats_used(team: Team) -> int:
+    """Seats in use: our leases (pending invites count) or, if larger, what the provider showed
+    at the last sync (members and invites we do not lease use seats too)."""
+    held = getattr(team, "leases_held", None)
+    incoming = getattr(team, "leases_incoming", None)
+    if held is None or incoming is None:
+        annotated = teams_with_seat_usage(Team.objects.filter(pk=team.pk)).get()
+        held, incoming = annotated.leases_held, annotated.leases_incoming
+    ours = held + incoming
+    seen = (team.members_seen or 0) + (team.invites_seen or 0)
+    return max(ours, seen)
+
+
+@dataclass(frozen=True)
+class TeamChoice:
+    team: Team
+    free: int
+    covers_term: bool
+
+
+def team_choices(
+    *, term_months: int, email: str, exclude_team_ids: tuple[int, ...] = (), now: datetime | None = None
+) -> list[TeamChoice]:
+    """Teams a lease may go to, best first: active, not ended, a free seat, the email not already
+    there; those whose own ``expires_at`` covers the whole next term first, then most free seats."""
+    now = now or timezone.now()
+    term_end = add_months(now, term_months)
+    busy_team_ids = MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).values("team_id")
+    candidates = (
+        teams_with_seat_usage(Team.objects.filter(is_active=True))
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .exclude(pk__in=exclude_team_ids)
+        .exclude(pk__in=busy_team_ids)
+        .order_by("pk")
+    )
+    choices = []
+    for team in candidates:
+        free = team.capacity - team_seats_used(team)
+        if free > 0:
+            covers = team.expires_at is None or team.expires_at >= term_end
+            choices.append(TeamChoice(team=team, free=free, covers_term=covers))
+    choices.sort(key=lambda c: (not c.covers_term, -c.free, c.team.pk))
+    return choices
+
+
+def leases_due_for_transfer(*, now: datetime | None = None) -> QuerySet[MemberLease]:
+    """Active leases past ``expires_at``, and transfers whose retry time has come (or that a
+    crashed worker left behind), not claimed by a live worker."""
+    now = now or timezone.now()
+    due = Q(status=LeaseStatus.ACTIVE, expires_at__lte=now) | Q(
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now), status=LeaseStatus.TRANSFERRING
+    )
+    unclaimed = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+    return MemberLease.objects.filter(due & unclaimed)
+
+
+def lease_by_public_id(public_id: str) -> MemberLease | None:
+    try:
+        return MemberLease.objects.select_related("team").get(public_id=public_id)
+    except (MemberLease.DoesNotExist, ValidationError, ValueError, TypeError):
+        return None

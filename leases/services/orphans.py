@@ -1,0 +1,96 @@
+"""Orphan check: who is seated where the leases do not say, read from every team's member list."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from leases.models import LeaseStatus, MemberLease, Team
+from leases.providers import ProviderError, provider_for
+from leasesite.notify import alert_send
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED = 20
+
+
+@dataclass
+class OrphanReport:
+    teams_checked: int = 0
+    teams_failed: dict[str, str] = field(default_factory=dict)
+    in_several_teams: dict[str, list[str]] = field(default_factory=dict)  # email -> team names
+    without_lease: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
+    active_not_seated: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
+
+    @property
+    def problems(self) -> int:
+        return (
+            len(self.in_several_teams)
+            + sum(map(len, self.without_lease.values()))
+            + sum(map(len, self.active_not_seated.values()))
+        )
+
+    def as_text(self) -> str:
+        lines = []
+        for email, teams in sorted(self.in_several_teams.items())[:MAX_LISTED]:
+            lines.append(f"{email} is a member of {len(teams)} teams: {', '.join(teams)}")
+        for team, emails in sorted(self.without_lease.items()):
+            lines.append(
+                f"team {team}: {len(emails)} member(s) without a lease: {', '.join(sorted(emails)[:MAX_LISTED])}"
+            )
+        for team, emails in sorted(self.active_not_seated.items()):
+            listed = ", ".join(sorted(emails)[:MAX_LISTED])
+            lines.append(f"team {team}: {len(emails)} active lease(s) not among its members: {listed}")
+        for team, error in sorted(self.teams_failed.items()):
+            lines.append(f"team {team}: could not be listed ({error})")
+        return "\n".join(lines)
+
+
+def orphans_check(*, alert: bool = True) -> OrphanReport:
+    report = OrphanReport()
+    teams = list(Team.objects.filter(is_active=True).order_by("pk"))
+    # Where each email may legitimately be seated: its open leases' teams (and transfer targets).
+    allowed: dict[str, set[int]] = defaultdict(set)
+    active_by_team: dict[int, set[str]] = defaultdict(set)
+    open_leases = MemberLease.objects.filter(
+        status__in=(LeaseStatus.PENDING, LeaseStatus.ACTIVE, LeaseStatus.TRANSFERRING, LeaseStatus.FAILED)
+    ).values_list("email", "team_id", "transfer_team_id", "status")
+    for email, team_id, transfer_team_id, status in open_leases.iterator(chunk_size=2000):
+        email = email.lower()
+        allowed[email].add(team_id)
+        if transfer_team_id:
+            allowed[email].add(transfer_team_id)
+        if status == LeaseStatus.ACTIVE:
+            active_by_team[team_id].add(email)
+
+    seated_in: dict[str, list[Team]] = defaultdict(list)
+    for team in teams:
+        try:
+            members = provider_for(team).list_members()
+        except ProviderError as exc:
+            report.teams_failed[team.name] = str(exc)[:200]
+            continue
+        report.teams_checked += 1
+        emails = {m.email for m in members}
+        for email in emails:
+            seated_in[email].append(team)
+            if team.pk not in allowed.get(email, ()):
+                report.without_lease.setdefault(team.name, []).append(email)
+        missing = active_by_team.get(team.pk, set()) - emails
+        if missing and emails:
+            report.active_not_seated[team.name] = sorted(missing)
+    # Seated in two teams is expected only mid-transfer (old team and the one it moves to).
+    report.in_several_teams = {
+        email: [t.name for t in seated]
+        for email, seated in seated_in.items()
+        if len(seated) > 1 and not {t.pk for t in seated} <= allowed.get(email, set())
+    }
+
+    if report.problems or report.teams_failed:
+        logger.warning("orphan check found problems:\n%s", report.as_text())
+        if alert:
+            alert_send(title=f"orphan check: {report.problems} problem(s)", body=report.as_text())
+    else:
+        logger.info("orphan check: %d team(s), no problems", report.teams_checked)
+    return report

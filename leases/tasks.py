@@ -1,0 +1,29 @@
+"""Celery tasks: thin shells over ``leases.services``. They take ids, never objects, and are safe
+to run twice at once (team sync locks, lease claims)."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from django.db import OperationalError
+
+from leases.services.orphans import orphans_check
+from leases.services.sync import joins_sync
+from leases.services.transfers import transfers_run
+
+
+@shared_task(name="leases.sync_joins", ignore_result=True, autoretry_for=(OperationalError,), max_retries=3)
+def sync_joins(team_id: int | None = None) -> list[dict]:
+    """Join sync of one team, or of every active team."""
+    return [result.as_dict() for result in joins_sync(team_id=team_id)]
+
+
+@shared_task(name="leases.run_transfers", ignore_result=True, autoretry_for=(OperationalError,), max_retries=3)
+def run_transfers(email: str | None = None) -> dict[str, int]:
+    """Move every due lease (or only ``email``'s)."""
+    return transfers_run(email=email).summary()
+
+
+@shared_task(name="leases.check_orphans", ignore_result=True)
+def check_orphans() -> int:
+    """Report members seated in two teams or without a lease. Returns the number of problems."""
+    return orphans_check().problems
