@@ -36,6 +36,8 @@ class FakeProviderState:
         # While set, DELETE requests wait for it to clear (tests stop a transfer mid-way).
         self.hold_deletes = threading.Event()
         self.delete_arrived = threading.Event()
+        # Held DELETEs then fail with 503 instead of acting (the caller died mid-request).
+        self.discard_held_deletes = False
         self._lock = threading.Lock()
 
     def team(self, name: str) -> FakeTeam:
@@ -139,6 +141,9 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
                     state.delete_arrived.set()
                     while state.hold_deletes.is_set():
                         time.sleep(0.02)
+                    if state.discard_held_deletes:
+                        self._send(503, {"error": "discarded"})
+                        return
                 removed = team.remove_member(rest[1]) if rest[0] == "members" else team.cancel_invite(rest[1])
                 self._send(204 if removed else 404)
             else:
