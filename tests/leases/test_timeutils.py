@@ -50,6 +50,6 @@ def test_wall_clock_kept_across_a_dst_change(settings):
 
 def test_refuses_naive_and_negative():
     with pytest.raises(ValueError, match="aware"):
-        add_months(datetime(2026, 1, 1), 1)  # noqa: DTZ001
+        add_months(datetime(2026, 1, 1), 1)
     with pytest.raises(ValueError, match="negative"):
         add_months(datetime(2026, 1, 1, tzinfo=UTC), -1)

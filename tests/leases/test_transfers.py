@@ -123,7 +123,8 @@ def test_backoff_grows_exponentially_with_jitter(settings):
 
 def test_transient_failures_then_failed_with_alert(provider, make_team, make_lease, settings, caplog):
     settings.LEASE_TRANSFER_MAX_ATTEMPTS = 3
-    old, new = make_team("old"), make_team("new")
+    old = make_team("old")
+    make_team("new")
     lease = _due(make_lease, provider, old)
     # Inviting to the new team works; removing from the old team keeps failing.
     provider.state.team("old").fail_next.extend(TransientProviderError("x", status=503) for _ in range(10))
