@@ -119,3 +119,13 @@ def live_server_env(settings, upstream) -> dict[str, str]:
         env["DATABASE_URL"] = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
     env["BAOMING_API_BASE"] = upstream.url
     return env
+
+
+# The lease engine's fixtures (fake team provider server, teams, leases, codes).
+from tests.lease_fixtures import (  # noqa: E402
+    _fresh_memory_teams,  # noqa: F401
+    make_code,  # noqa: F401
+    make_lease,  # noqa: F401
+    make_team,  # noqa: F401
+    provider,  # noqa: F401
+)
