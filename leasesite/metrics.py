@@ -53,7 +53,40 @@ class TokenCollector(Collector):
             yield duration
 
 
+class LeaseCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from django.utils import timezone
+
+        from leases.models import LeaseStatus, MemberLease, Team
+        from leases.selectors import team_seats_used, teams_with_seat_usage
+
+        by_status = dict(MemberLease.objects.order_by().values_list("status").annotate(n=Count("id")))
+        leases = GaugeMetricFamily("leasesite_leases", "Member leases by status", labels=["status"])
+        for status in LeaseStatus:
+            leases.add_metric([status.value], by_status.get(status.value, 0))
+        yield leases
+        overdue = GaugeMetricFamily(
+            "leasesite_leases_overdue", "Active leases past expires_at (waiting for the transfer executor)"
+        )
+        overdue.add_metric(
+            [], MemberLease.objects.filter(status=LeaseStatus.ACTIVE, expires_at__lte=timezone.now()).count()
+        )
+        yield overdue
+        seats = GaugeMetricFamily("leasesite_team_seats", "Seats per active team", labels=["team", "kind"])
+        synced = GaugeMetricFamily(
+            "leasesite_team_last_sync_timestamp_seconds", "Last successful join sync per team", labels=["team"]
+        )
+        for team in teams_with_seat_usage(Team.objects.filter(is_active=True)):
+            seats.add_metric([team.name, "capacity"], team.capacity)
+            seats.add_metric([team.name, "used"], team_seats_used(team))
+            if team.last_synced_at:
+                synced.add_metric([team.name], team.last_synced_at.timestamp())
+        yield seats
+        yield synced
+
+
 def metrics_render() -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TokenCollector())
+    registry.register(LeaseCollector())
     return generate_latest(registry)

@@ -210,6 +210,8 @@ LEASE_TRANSFER_BATCH_SIZE = env_int("LEASE_TRANSFER_BATCH_SIZE", 50, minimum=1)
 LEASE_TRANSFER_CONCURRENCY = env_int("LEASE_TRANSFER_CONCURRENCY", 4, minimum=1)
 # A worker's claim on a lease lapses after this long, so a crashed transfer is resumed.
 LEASE_CLAIM_TTL = env_int("LEASE_CLAIM_TTL", 300, minimum=10)
+# Port of the fake team provider that ``start --demo`` runs (the demo teams point at it).
+DEMO_PROVIDER_PORT = env_int("DEMO_PROVIDER_PORT", 8766, minimum=1)
 # The public redemption page: attempts per client address per window.
 LEASE_REDEEM_RATE_LIMIT = env_int("LEASE_REDEEM_RATE_LIMIT", 10, minimum=1)
 LEASE_REDEEM_RATE_WINDOW = env_int("LEASE_REDEEM_RATE_WINDOW", 600, minimum=1)

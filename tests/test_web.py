@@ -31,3 +31,25 @@ def test_metrics_export_token_and_run_figures(client, upstream, make_token):
     assert 'leasesite_baoming_tokens{state="all"} 2.0' in body
     assert 'leasesite_token_refresh_last_run_tokens{result="ok"} 2.0' in body
     assert "leasesite_token_refresh_last_run_timestamp_seconds" in body
+
+
+def test_metrics_export_lease_figures(client, provider, make_team, make_lease):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    team = make_team("alpha", capacity=7)
+    make_lease(team)
+    make_lease(
+        team,
+        "active",
+        joined_at=timezone.now() - timedelta(days=40),
+        expires_at=timezone.now() - timedelta(minutes=1),
+    )
+    body = client.get("/metrics").content.decode()
+    assert 'leasesite_leases{status="pending"} 1.0' in body
+    assert 'leasesite_leases{status="active"} 1.0' in body
+    assert 'leasesite_leases{status="failed"} 0.0' in body
+    assert "leasesite_leases_overdue 1.0" in body
+    assert 'leasesite_team_seats{kind="capacity",team="alpha"} 7.0' in body
+    assert 'leasesite_team_seats{kind="used",team="alpha"} 2.0' in body

@@ -16,6 +16,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 DEMO_UPSTREAM_PORT = 8765
+DEMO_PROVIDER_PORT = 8766
 
 
 class Command(BaseCommand):
@@ -27,7 +28,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--demo", action="store_true", help="seed demo tokens and point the worker at a local fake 报名工具 API"
+            "--demo", action="store_true", help="seed demo tokens, teams and codes; run local fake 报名工具 and team provider APIs"
         )
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
@@ -40,6 +41,7 @@ class Command(BaseCommand):
             env["DATABASE_URL"] = f"sqlite:///{Path(settings.VAR_DIR) / 'demo.sqlite3'}"
             env["BAOMING_API_BASE"] = f"http://127.0.0.1:{DEMO_UPSTREAM_PORT}"
             env.setdefault("BAOMING_RATE_LIMIT", "5")
+            env["DEMO_PROVIDER_PORT"] = str(DEMO_PROVIDER_PORT)
             # Re-run the setup steps against the demo database in a child with that environment.
             subprocess.check_call(
                 [sys.executable, "manage.py", "start_prepare", "--demo"], cwd=settings.BASE_DIR, env=env
@@ -64,6 +66,27 @@ class Command(BaseCommand):
                             "0.05",
                             "--invalid-prefix",
                             "0",
+                        ],
+                        cwd=settings.BASE_DIR,
+                        env=env,
+                    ),
+                )
+            )
+        if options["demo"]:
+            children.append(
+                (
+                    "fake-team-provider",
+                    subprocess.Popen(
+                        [
+                            python,
+                            "-m",
+                            "leasesite.fakes.team_provider_server",
+                            "--port",
+                            str(DEMO_PROVIDER_PORT),
+                            "--latency",
+                            "0.02",
+                            "--auto-join-after",
+                            "20",
                         ],
                         cwd=settings.BASE_DIR,
                         env=env,

@@ -49,3 +49,24 @@ class Command(BaseCommand):
             self.stdout.write(f"seeded {BaomingToken.objects.count()} demo tokens (every 6th one is invalid)")
         refresh_tokens.delay(max_age_days=None, trigger="admin")
         self.stdout.write("queued a first refresh run: see Admin → refresh runs")
+        self._seed_demo_leases()
+
+    def _seed_demo_leases(self) -> None:
+        """Two teams on the local fake team provider, and a batch of codes to redeem."""
+        from django.conf import settings
+
+        from leases.models import RedemptionCode, Team
+        from leases.services.redemption import codes_generate
+
+        base = f"http://127.0.0.1:{settings.DEMO_PROVIDER_PORT}/teams"
+        for name, capacity in (("demo-team-a", 5), ("demo-team-b", 5)):
+            Team.objects.get_or_create(
+                name=name,
+                defaults={"provider": "http", "api_base": f"{base}/{name}/", "api_token": "demo", "capacity": capacity},
+            )
+        unused = RedemptionCode.objects.filter(batch="demo", redeemed_at__isnull=True)
+        if not unused.exists():
+            codes_generate(count=5, term_months=1, total_months=3, batch="demo")
+        self.stdout.write("demo teams: demo-team-a, demo-team-b (fake provider; invites are accepted after 20 s)")
+        codes = ", ".join(unused.values_list("code", flat=True))
+        self.stdout.write(f"demo redemption codes (redeem one at /redeem/): {codes}")
