@@ -28,7 +28,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--demo", action="store_true", help="seed demo tokens, teams and codes; run local fake 报名工具 and team provider APIs"
+            "--demo",
+            action="store_true",
+            help="seed demo tokens, teams and codes; run local fake 报名工具 and team provider APIs",
         )
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
