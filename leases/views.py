@@ -76,8 +76,4 @@ def lease_status(request: HttpRequest, public_id: str) -> HttpResponse:
     if lease is None:
         raise Http404(_("No such lease."))
     events = [event for event in lease.events.all() if event.action in PUBLIC_ACTIONS]
-    for event in events:
-        # The template shows detail.team, falling back to detail.to_team; a missing key used as a
-        # filter argument is an error (500) in Django templates, so every event gets both keys.
-        event.detail = {"team": "", "to_team": "", **(event.detail or {})}
     return render(request, "leases/status.html", {"lease": lease, "events": events})
