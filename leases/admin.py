@@ -180,6 +180,9 @@ class MemberLeaseAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # leases come from redemption (or the legacy import), never typed in
 
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False  # a lease's history is kept: cancel it instead
+
     @admin.display(description=_("status page"))
     def status_page_link(self, lease: MemberLease) -> str:
         url = reverse("leases:status", args=[lease.public_id])

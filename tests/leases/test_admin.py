@@ -375,3 +375,11 @@ def test_export_csv_lists_the_selected_codes_with_the_redeeming_email(admin_clie
 
 def test_codes_cannot_be_added_one_by_one(admin_client):
     assert admin_client.get(reverse("admin:leases_redemptioncode_add")).status_code == 403
+
+
+def test_leases_cannot_be_deleted_only_cancelled(admin_client, make_team, make_lease):
+    lease = make_lease(make_team("alpha"))
+    page = admin_client.get("/admin/leases/memberlease/").content.decode()
+    assert 'value="delete_selected"' not in page
+    assert admin_client.get(f"/admin/leases/memberlease/{lease.pk}/delete/").status_code == 403
+    assert MemberLease.objects.filter(pk=lease.pk).exists()
