@@ -5,6 +5,8 @@ import argparse
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
+from leasesite.cli import positive_int
+
 
 def email_arg(value: str) -> str:
     value = value.strip().lower()
@@ -15,11 +17,4 @@ def email_arg(value: str) -> str:
     return value
 
 
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return number
+__all__ = ["email_arg", "positive_int"]

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from leasesite.cli import positive_int
 from tokens.management.commands._logging import configure_command_logging
-from tokens.management.commands.refresh_baoming_tokens import positive_int
 from tokens.models import RunStatus, RunTrigger
 from tokens.services.cleanup import token_cleanup_run
 

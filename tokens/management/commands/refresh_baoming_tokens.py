@@ -9,22 +9,13 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from leasesite.cli import positive_int
 from tokens.management.commands._logging import configure_command_logging
 from tokens.models import RunStatus, RunTrigger
 from tokens.services.cleanup import token_cleanup_run
 from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_run
 
 EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL: try again later
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
 
 
 def positive_hours(value: str) -> float:
