@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import Case, Value, When
+from django.db.models.functions import Cast
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -60,6 +62,30 @@ def _resolve(spec: ChangesSpec | DetailSpec, lease: MemberLease) -> dict[str, An
     if spec is None:
         return {}
     return dict(spec(lease) if callable(spec) else spec)
+
+
+def _write_fields(leases: list[MemberLease], attnames: list[str]) -> None:
+    """Like ``bulk_update`` (one UPDATE per 500 leases), but a value every lease of the batch shares
+    is written as itself. ``bulk_update`` wraps each field in a CASE with a branch per lease: for a
+    join sync's 500 activations (9 fields, 6 of them the same for all) that was half a second of
+    query building per team and a CASE of 4,500 branches for PostgreSQL to evaluate row by row."""
+    size = min(500, connection.ops.bulk_batch_size(["pk", "pk", *attnames], leases) or 500)
+    for start in range(0, len(leases), size):
+        batch = leases[start : start + size]
+        values: dict[str, Any] = {}
+        for attname in attnames:
+            model_field = MemberLease._meta.get_field(attname)
+            column = [getattr(lease, attname) for lease in batch]
+            as_sql = [v if hasattr(v, "resolve_expression") else Value(v, output_field=model_field) for v in column]
+            if all(value == column[0] for value in column[1:]):
+                values[attname] = as_sql[0]
+            else:
+                whens = [When(pk=lease.pk, then=value) for lease, value in zip(batch, as_sql, strict=True)]
+                case = Case(*whens, output_field=model_field)
+                if connection.features.requires_casted_case_in_updates:  # as bulk_update: PostgreSQL
+                    case = Cast(case, output_field=model_field)
+                values[attname] = case
+        MemberLease.objects.filter(pk__in=[lease.pk for lease in batch]).update(**values)
 
 
 def leases_transition(
@@ -123,7 +149,7 @@ def leases_transition(
             )
             result.changed.append(lease)
         if to_save:
-            MemberLease.objects.bulk_update(to_save, sorted(fields_written), batch_size=500)
+            _write_fields(to_save, sorted(fields_written))
             LeaseEvent.objects.bulk_create(events, batch_size=500)
     return result
 
