@@ -16,6 +16,7 @@ lint:
 format:
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
 
-bench:          ## token refresh benchmark (figures, see benchmarks/README.md)
+bench:          ## token refresh and lease engine benchmarks (figures, see benchmarks/README.md)
 	-.venv/bin/python benchmarks/refresh_tokens.py --tokens 2000 --latency 0.05 --rate 100 --workers 1
 	-.venv/bin/python benchmarks/refresh_tokens.py --tokens 2000 --latency 0.05 --rate 100 --workers 2
+	-.venv/bin/python benchmarks/leases_bench.py
