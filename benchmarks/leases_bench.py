@@ -33,7 +33,6 @@ import math
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,20 +43,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 if str(BASE_DIR) not in sys.path:
     sys.path.insert(0, str(BASE_DIR))  # run as a script from anywhere: make the project importable
 
+from benchmarks.common import (  # noqa: E402 - after the sys.path set-up above
+    BenchmarkError,
+    Worker,
+    non_negative_float,
+    positive_int,
+    queue_name,
+    stop_workers,
+    wait_until_ready,
+)
+
 if TYPE_CHECKING:
     from leasesite.fakes.team_provider_server import FakeProviderServer
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_BENCH_FAILED = 0, 1, 2, 3
 POLL_SECONDS = 0.1
-WORKER_START_TIMEOUT = 90.0
-WORKER_STOP_TIMEOUT = 30.0
 TEAM_TOKEN = "bench-team-token"  # the fake provider is started without a token check
 EMAIL_DOMAIN = "bench.example"
 
@@ -69,37 +76,7 @@ RAISED = re.compile(r"Task leases\.run_transfers\[(?P<id>[^\]]+)\] raised")
 SUCCEEDED = re.compile(r"Task leases\.run_transfers\[(?P<id>[^\]]+)\] succeeded in (?P<secs>[\d.]+)s: (?P<out>\{.*\})")
 
 
-class BenchmarkError(Exception):
-    """The benchmark could not produce figures (not a finding about the code under test)."""
-
-
 # --- arguments --------------------------------------------------------------------------------
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {value!r}")
-    return number
-
-
-def queue_name(value: str) -> str:
-    if not value or not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise argparse.ArgumentTypeError(f"queue names use letters, digits, '-', '_' and '.', got {value!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,14 +472,6 @@ def report_sync(big: SyncFigures, small: SyncFigures | None, latency: float) -> 
 
 
 @dataclass
-class Worker:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: TextIO
-    log_path: Path
-
-
-@dataclass
 class TransferFigures:
     label: str
     workers: int
@@ -597,36 +566,6 @@ def start_workers(count: int, concurrency: int, args: argparse.Namespace, log_di
         process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
         workers.append(Worker(name, process, log, log_path))
     return workers
-
-
-def wait_until_ready(workers: list[Worker]) -> None:
-    from leasesite.celery import app
-
-    expected = {worker.name for worker in workers}
-    deadline = time.monotonic() + WORKER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        dead = [worker.name for worker in workers if worker.process.poll() is not None]
-        if dead:
-            raise BenchmarkError(f"worker(s) exited during start-up: {', '.join(dead)}")
-        replies = app.control.ping(destination=sorted(expected), timeout=0.5)
-        if expected <= {name for reply in replies for name in reply}:
-            return
-    raise BenchmarkError(f"workers did not answer a ping within {WORKER_START_TIMEOUT:.0f} s")
-
-
-def stop_workers(workers: list[Worker]) -> None:
-    """Warm shutdown (SIGTERM); SIGKILL only if stuck."""
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
-    for worker in workers:
-        try:
-            worker.process.wait(timeout=WORKER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            print(f"worker {worker.name} ignored SIGTERM for {WORKER_STOP_TIMEOUT:.0f} s: killing it", file=sys.stderr)
-            worker.process.kill()
-            worker.process.wait()
-        worker.log.close()
 
 
 @contextmanager

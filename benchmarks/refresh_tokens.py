@@ -24,7 +24,6 @@ import math
 import os
 import resource
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,12 +33,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 if str(BASE_DIR) not in sys.path:
     sys.path.insert(0, str(BASE_DIR))  # run as a script from anywhere: make the project importable
+
+from benchmarks.common import (  # noqa: E402 - after the sys.path set-up above
+    BenchmarkError,
+    Worker,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    queue_name,
+    stop_workers,
+    wait_until_ready,
+)
 
 if TYPE_CHECKING:
     from leasesite.fakes.baoming_server import FakeBaomingServer
@@ -49,8 +59,6 @@ RATE_LIMIT_KEY = "leasesite:ratelimit:baoming"  # get_rate_limiter(name="baoming
 REFRESH_LOCK_NAME = "tokens.refresh"
 EXIT_OK, EXIT_RATE_EXCEEDED, EXIT_USAGE, EXIT_BENCH_FAILED = 0, 1, 2, 3
 POLL_SECONDS = 0.05
-WORKER_START_TIMEOUT = 90.0
-WORKER_STOP_TIMEOUT = 30.0
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/leasesite_bench"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/3"
@@ -58,48 +66,7 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/4"
 DEFAULT_QUEUE = "leasesite-bench"
 
 
-class BenchmarkError(Exception):
-    """The benchmark could not produce figures (not a finding about the code under test)."""
-
-
 # --- arguments --------------------------------------------------------------------------------
-
-
-def _number(value: str, kind: type[int] | type[float]) -> int | float:
-    try:
-        number = kind(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"must be finite, got {value!r}")
-    return number
-
-
-def positive_int(value: str) -> int:
-    number = int(_number(value, int))
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    number = float(_number(value, float))
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    number = float(_number(value, float))
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return number
-
-
-def queue_name(value: str) -> str:
-    if not value or not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise argparse.ArgumentTypeError(f"queue names use letters, digits, '-', '_' and '.', got {value!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,13 +326,6 @@ def run_in_process(args: argparse.Namespace, server: FakeBaomingServer) -> Figur
     )
 
 
-@dataclass
-class Worker:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: TextIO
-
-
 def start_workers(args: argparse.Namespace, log_dir: Path) -> list[Worker]:
     workers = []
     for index in range(args.workers):
@@ -391,36 +351,6 @@ def start_workers(args: argparse.Namespace, log_dir: Path) -> list[Worker]:
         process = subprocess.Popen(command, cwd=BASE_DIR, stdout=log, stderr=subprocess.STDOUT)
         workers.append(Worker(name, process, log))
     return workers
-
-
-def wait_until_ready(workers: list[Worker]) -> None:
-    from leasesite.celery import app
-
-    expected = {worker.name for worker in workers}
-    deadline = time.monotonic() + WORKER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        dead = [worker.name for worker in workers if worker.process.poll() is not None]
-        if dead:
-            raise BenchmarkError(f"worker(s) exited during start-up: {', '.join(dead)}")
-        replies = app.control.ping(destination=sorted(expected), timeout=0.5)
-        if expected <= {name for reply in replies for name in reply}:
-            return
-    raise BenchmarkError(f"workers did not answer a ping within {WORKER_START_TIMEOUT:.0f} s")
-
-
-def stop_workers(workers: list[Worker]) -> None:
-    """Warm shutdown (SIGTERM: finish the current task, then exit); SIGKILL only if stuck."""
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
-    for worker in workers:
-        try:
-            worker.process.wait(timeout=WORKER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            print(f"worker {worker.name} ignored SIGTERM for {WORKER_STOP_TIMEOUT:.0f} s: killing it", file=sys.stderr)
-            worker.process.kill()
-            worker.process.wait()
-        worker.log.close()
 
 
 @contextmanager
