@@ -6,7 +6,7 @@ import logging
 
 from django.utils import timezone
 
-from leases.models import LeaseAction, MemberLease
+from leases.models import LeaseAction, MemberLease, Team
 from leases.providers import ProviderError, provider_for
 from leases.services.transitions import lease_event_record
 
@@ -41,3 +41,18 @@ def lease_invite(*, lease_id: int, action: str = LeaseAction.INVITED, detail: di
         last_error="",
     )
     return True
+
+
+def seat_free(*, team: Team, email: str, member_id: str = "") -> dict:
+    """Free ``email``'s seat in ``team`` at the provider: remove the member (looked up by email when
+    the id is not known) or, if they never joined, withdraw the invite. "Already gone" is done.
+    Returns what was done, for the event's detail; raises ProviderError."""
+    provider = provider_for(team)
+    if not member_id:
+        match = next((m for m in provider.list_members() if m.email == email.lower()), None)
+        member_id = match.id if match else ""
+    if member_id:
+        provider.remove_member(member_id)
+        return {"member_id": member_id}
+    provider.cancel_invite(email)
+    return {"member_id": None, "invite_cancelled": True}

@@ -14,9 +14,10 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from leases.models import FINAL_STATUSES, LeaseAction, LeaseStatus, MemberLease
-from leases.providers import ProviderError, provider_for
+from leases.providers import ProviderError
+from leases.services.invites import seat_free
 from leases.services.sync import joins_sync
-from leases.services.transfers import lease_transfer_start, transfers_run
+from leases.services.transfers import UNCLAIMED, lease_transfer_start, transfers_run
 from leases.services.transitions import LeaseError, lease_event_record, lease_transition
 from leases.timeutils import add_months
 
@@ -105,26 +106,21 @@ def lease_cancel(*, lease_id: int, actor_id: int | None = None, reason: str = ""
         raise LeaseError(
             _("Lease %(id)s is already %(status)s.") % {"id": lease.pk, "status": LeaseStatus(lease.status).label}
         )
-    teams = [lease.team] + ([lease.transfer_team] if lease.transfer_team_id else [])
-    member_id = lease.provider_member_id
+    # The old team (member id known) and, mid-transfer, the team already invited to.
+    seats = [(lease.team, lease.provider_member_id)]
+    if lease.transfer_team_id:
+        seats.append((lease.transfer_team, ""))
     lease, _changed = lease_transition(
         lease_id=lease.pk,
         to_status=LeaseStatus.CANCELLED,
         action=LeaseAction.CANCELLED,
         actor_id=actor_id,
-        changes={"next_attempt_at": None, "claimed_until": None, "claimed_by": ""},
+        changes={"next_attempt_at": None, **UNCLAIMED},
         detail={"reason": reason[:500]},
     )
-    for index, team in enumerate(teams):
+    for team, member_id in seats:
         try:
-            provider = provider_for(team)
-            if index == 0 and member_id:
-                provider.remove_member(member_id)
-            else:
-                match = next((m for m in provider.list_members() if m.email == lease.email.lower()), None)
-                if match:
-                    provider.remove_member(match.id)
-            provider.cancel_invite(lease.email)
+            freed = seat_free(team=team, email=lease.email, member_id=member_id)
         except ProviderError as exc:
             lease_event_record(
                 lease_id=lease.pk,
@@ -134,7 +130,7 @@ def lease_cancel(*, lease_id: int, actor_id: int | None = None, reason: str = ""
             )
             continue
         lease_event_record(
-            lease_id=lease.pk, action=LeaseAction.LEFT_OLD_TEAM, actor_id=actor_id, detail={"team": team.name}
+            lease_id=lease.pk, action=LeaseAction.LEFT_OLD_TEAM, actor_id=actor_id, detail={"team": team.name, **freed}
         )
     return lease
 

@@ -75,16 +75,25 @@ def team_sync_joins(*, team: Team, email: str | None = None) -> TeamSyncResult:
     return result
 
 
+def _give_up(team: Team, result: TeamSyncResult, *, calls: int, error: str, title: str, body: str) -> None:
+    """A sync that must not change anything: record why on the team and alert."""
+    result.provider_calls = calls
+    result.ok, result.error = False, error
+    _record_team_seen(team, members=None, invites=None, error=error)
+    alert_send(title=title, body=body)
+
+
 def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
     provider = provider_for(team)
     try:
         members = provider.list_members()
         invites = provider.list_invites()
     except ProviderError as exc:
-        result.provider_calls = provider.calls
-        result.ok, result.error = False, f"listing failed: {exc}"
-        _record_team_seen(team, members=None, invites=None, error=result.error)
-        alert_send(
+        _give_up(
+            team,
+            result,
+            calls=provider.calls,
+            error=f"listing failed: {exc}",
             title=f"join sync failed for team {team.name}",
             body=f"{exc}. No lease was changed; the next sync tries again.",
         )
@@ -98,10 +107,11 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
 
     if not members and any(lease.status == LeaseStatus.ACTIVE for lease in leases):
         seated = MemberLease.objects.filter(team=team, status=LeaseStatus.ACTIVE).count()
-        result.provider_calls = provider.calls
-        result.ok, result.error = False, f"suspicious listing: no members, but {seated} active lease(s)"
-        _record_team_seen(team, members=None, invites=None, error=result.error)
-        alert_send(
+        _give_up(
+            team,
+            result,
+            calls=provider.calls,
+            error=f"suspicious listing: no members, but {seated} active lease(s)",
             title=f"join sync: team {team.name} lists no members",
             body=f"The provider listed 0 members while {seated} lease(s) are active there. Nothing was changed.",
         )

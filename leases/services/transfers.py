@@ -34,10 +34,15 @@ from django.utils import timezone
 from leases.models import LeaseAction, LeaseStatus, MemberLease, Team, TransferStep
 from leases.providers import ProviderError, provider_for
 from leases.selectors import leases_due_for_transfer, team_choices
+from leases.services.invites import seat_free
 from leases.services.transitions import IllegalTransitionError, lease_event_record, lease_transition
 from leasesite.notify import alert_send
 
 logger = logging.getLogger(__name__)
+
+
+# Written when a lease's step is recorded: the worker's claim on it ends with the step.
+UNCLAIMED = {"claimed_until": None, "claimed_by": ""}
 
 
 class NoTargetTeamError(Exception):
@@ -98,7 +103,7 @@ def leases_claim_due(
 
 
 def leases_release(*, lease_ids: list[int], owner: str) -> None:
-    MemberLease.objects.filter(pk__in=lease_ids, claimed_by=owner).update(claimed_until=None, claimed_by="")
+    MemberLease.objects.filter(pk__in=lease_ids, claimed_by=owner).update(**UNCLAIMED)
 
 
 # -- choosing the next team ---------------------------------------------------------------------------
@@ -193,7 +198,7 @@ def _advance(lease: MemberLease, now: datetime) -> TransferOutcome:
             transfer_step=TransferStep.INVITED,
         )
 
-    removed = _remove_from_team(lease.team, lease)
+    removed = seat_free(team=lease.team, email=lease.email, member_id=lease.provider_member_id)
     left_detail = {"team": lease.team.name, **removed}
     with transaction.atomic():
         lease_event_record(lease_id=lease.pk, action=LeaseAction.LEFT_OLD_TEAM, detail=left_detail)
@@ -203,7 +208,7 @@ def _advance(lease: MemberLease, now: datetime) -> TransferOutcome:
                 to_status=LeaseStatus.EXPIRED,
                 action=LeaseAction.EXPIRED,
                 expect_from=[LeaseStatus.TRANSFERRING],
-                changes={"next_attempt_at": None, "claimed_until": None, "claimed_by": "", "last_error": ""},
+                changes={**UNCLAIMED, "next_attempt_at": None, "last_error": ""},
                 detail={"ends_at": lease.ends_at.isoformat(), "team": lease.team.name},
             )
             return TransferOutcome(lease.pk, lease.email, "expired", lease.team.name)
@@ -223,26 +228,11 @@ def _advance(lease: MemberLease, now: datetime) -> TransferOutcome:
                 "attempts": 0,
                 "next_attempt_at": None,
                 "last_error": "",
-                "claimed_until": None,
-                "claimed_by": "",
+                **UNCLAIMED,
             },
             detail={"from_team": lease.team.name, "to_team": new_team.name},
         )
     return TransferOutcome(lease.pk, lease.email, "transferred", f"{lease.team.name} -> {new_team.name}")
-
-
-def _remove_from_team(team: Team, lease: MemberLease) -> dict:
-    provider = provider_for(team)
-    member_id = lease.provider_member_id
-    if not member_id:
-        match = next((m for m in provider.list_members() if m.email == lease.email.lower()), None)
-        member_id = match.id if match else ""
-    if member_id:
-        provider.remove_member(member_id)
-        return {"member_id": member_id}
-    # Never joined there (or already gone): make sure no invite is left behind.
-    provider.cancel_invite(lease.email)
-    return {"member_id": None, "invite_cancelled": True}
 
 
 def _record_failure(lease_id: int, exc: Exception, now: datetime) -> TransferOutcome:
@@ -263,8 +253,7 @@ def _record_failure(lease_id: int, exc: Exception, now: datetime) -> TransferOut
                 "attempts": attempts,
                 "last_error": message,
                 "next_attempt_at": None,
-                "claimed_until": None,
-                "claimed_by": "",
+                **UNCLAIMED,
             },
             detail={"error": message, "attempts": attempts, "permanent": permanent, **dangling},
         )
@@ -285,8 +274,7 @@ def _record_failure(lease_id: int, exc: Exception, now: datetime) -> TransferOut
         attempts=attempts,
         last_error=message,
         next_attempt_at=next_attempt_at,
-        claimed_until=None,
-        claimed_by="",
+        **UNCLAIMED,
     )
     return TransferOutcome(lease.pk, lease.email, "retry", message)
 
