@@ -16,8 +16,10 @@ import json
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from leasesite.fakes.background import BackgroundServer
 
 
 class FakeBaomingState:
@@ -96,34 +98,12 @@ def make_handler(state: FakeBaomingState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class FakeBaomingServer:
+class FakeBaomingServer(BackgroundServer):
     """Start in a background thread: ``with FakeBaomingServer() as server: server.url``."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **state_options: object) -> None:
         self.state = FakeBaomingState(**state_options)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.state))
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 128
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> FakeBaomingServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self) -> FakeBaomingServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(make_handler(self.state), host=host, port=port)
 
 
 def main() -> None:

@@ -19,11 +19,12 @@ import contextlib
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from leases.providers.base import ProviderError
 from leases.providers.memory import FakeTeam
+from leasesite.fakes.background import BackgroundServer
 
 
 class FakeProviderState:
@@ -181,38 +182,19 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class FakeProviderServer:
+class FakeProviderServer(BackgroundServer):
     """Start in a background thread: ``with FakeProviderServer() as server: server.team_url("a")``."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **state_options: object) -> None:
         self.state = FakeProviderState(**state_options)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.state))
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 128
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(make_handler(self.state), host=host, port=port)
 
     def team_url(self, name: str) -> str:
         return f"{self.url}/teams/{name}/"
 
-    def start(self) -> FakeProviderServer:
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
-        self.state.hold_deletes.clear()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self) -> FakeProviderServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.state.hold_deletes.clear()  # a held request must not keep shutdown waiting
+        super().stop()
 
 
 def main() -> None:
