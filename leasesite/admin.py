@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
-from leasesite.models import JobLock
+from leasesite.models import AlertState, JobLock
 
 
 @admin.register(JobLock)
@@ -10,6 +10,22 @@ class JobLockAdmin(admin.ModelAdmin):
 
     list_display = ("name", "owner", "acquired_at", "expires_at")
     readonly_fields = ("name", "owner", "acquired_at", "expires_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(AlertState)
+class AlertStateAdmin(admin.ModelAdmin):
+    """Which problems are ongoing (announced once) and when each alert key was last sent."""
+
+    list_display = ("key", "active", "since", "notified", "last_sent_at", "last_title")
+    list_filter = ("active",)
+    search_fields = ("key", "last_title")
+    readonly_fields = list_display
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -20,3 +20,22 @@ class JobLock(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class AlertState(models.Model):
+    """What was already said about one alert key (see ``leasesite.notify``): whether its problem
+    is ongoing, since when, and when it was last sent (for ``ALERT_DEDUP_SECONDS``)."""
+
+    key = models.CharField(_("key"), max_length=200, primary_key=True)
+    active = models.BooleanField(_("problem ongoing"), default=False)
+    notified = models.BooleanField(_("start announced"), default=False)
+    since = models.DateTimeField(_("since"), null=True, blank=True)
+    last_sent_at = models.DateTimeField(_("last sent at"), null=True, blank=True)
+    last_title = models.CharField(_("last title"), max_length=200, blank=True)
+
+    class Meta:
+        verbose_name = _("alert state")
+        verbose_name_plural = _("alert states")
+
+    def __str__(self) -> str:
+        return self.key

@@ -220,6 +220,8 @@ LEASE_REDEEM_TRUST_X_FORWARDED_FOR = env_bool("LEASE_REDEEM_TRUST_X_FORWARDED_FO
 
 # --- Alerts -----------------------------------------------------------------------------------------
 NOTIFY_URLS = env_list("NOTIFY_URLS")
+# The same alert key is sent at most once per this many seconds (leasesite.notify).
+ALERT_DEDUP_SECONDS = env_int("ALERT_DEDUP_SECONDS", 3600, minimum=0)
 
 # --- Logging ----------------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper() or "INFO"
