@@ -525,9 +525,12 @@ def transfers_run(
         if not ids:
             break
         result.claimed += len(ids)
-        threaded = concurrency > 1 and len(ids) > 1 and not connection.in_atomic_block
+        # Inside the caller's transaction a keeper thread could not see the claims (uncommitted);
+        # everywhere else they are renewed, in-line batches too (one slow lease outlives a TTL).
+        renewable = not connection.in_atomic_block
+        threaded = concurrency > 1 and len(ids) > 1 and renewable
         try:
-            with ClaimKeeper(owner=owner, lease_ids=ids) if threaded else _no_keeper():
+            with ClaimKeeper(owner=owner, lease_ids=ids) if renewable else _no_keeper():
                 if threaded:
                     pending: SimpleQueue[int] = SimpleQueue()
                     for pk in ids:
@@ -548,8 +551,8 @@ def transfers_run(
 
 
 class _no_keeper:  # noqa: N801 - a null context manager, read like ``contextlib.nullcontext``
-    """In-line runs (one lease at a time inside the caller's transaction, e.g. tests and
-    ``--email``) renew nothing: they are short, and a thread could not see uncommitted rows."""
+    """Runs inside the caller's transaction (tests) renew nothing: a thread could not see the
+    uncommitted claims."""
 
     def __enter__(self) -> None:
         return None
