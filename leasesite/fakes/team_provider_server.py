@@ -41,6 +41,9 @@ class FakeProviderState:
         self.delete_arrived = threading.Event()
         # Held DELETEs then fail with 503 instead of acting (the caller died mid-request).
         self.discard_held_deletes = False
+        # While set, POST invites wait for it to clear, then act (a slow invite mid-transfer).
+        self.hold_invites = threading.Event()
+        self.invite_arrived = threading.Event()
         self._lock = threading.Lock()
 
     def team(self, name: str) -> FakeTeam:
@@ -141,6 +144,10 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
                 if not isinstance(email, str) or "@" not in email:
                     self._send(400, {"error": "email required"})
                     return
+                if state.hold_invites.is_set():
+                    state.invite_arrived.set()
+                    while state.hold_invites.is_set():
+                        time.sleep(0.02)
                 self._send(201 if team.invite(email) else 409, {"email": email.lower()})
             elif method == "DELETE" and len(rest) == 2 and rest[0] in ("members", "invites"):
                 if state.hold_deletes.is_set():
@@ -199,6 +206,7 @@ class FakeProviderServer(BackgroundServer):
 
     def stop(self) -> None:
         self.state.hold_deletes.clear()  # a held request must not keep shutdown waiting
+        self.state.hold_invites.clear()
         super().stop()
 
 
