@@ -294,7 +294,6 @@ def test_a_batch_slower_than_the_claim_ttl_is_not_taken_over(
                 proc.kill()
                 out, _ = proc.communicate()
             outputs.append(out.decode())
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
 
     invites = {
         lease.email: sum(provider.state.team(t.name).invite_posts.count(lease.email) for t in news) for lease in leases
@@ -302,6 +301,7 @@ def test_a_batch_slower_than_the_claim_ttl_is_not_taken_over(
     removals = {lease.email: sum(_removals(provider, t.name, lease) for t in olds) for lease in leases}
     assert invites == {lease.email: 1 for lease in leases}, (invites, outputs)
     assert removals == {lease.email: 1 for lease in leases}, (removals, outputs)
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
     for lease in leases:
         old_team = lease.team
         lease.refresh_from_db()
