@@ -7,6 +7,7 @@ transition function (``lease_step``).
 from __future__ import annotations
 
 import logging
+import uuid
 
 from django.utils import timezone
 
@@ -14,7 +15,7 @@ from leases import events
 from leases.models import LeaseStatus, MemberLease, Team
 from leases.providers import ProviderError, ProviderMember, provider_for
 from leases.services.health import team_record_provider_error
-from leases.services.transitions import LeaseError, lease_step
+from leases.services.transitions import LeaseError, lease_claim, lease_step, leases_release
 
 logger = logging.getLogger(__name__)
 
@@ -25,35 +26,71 @@ def lease_invite(*, lease_id: int, reinvite_after_missed: int = 0, reason: str =
     A failure is recorded as an ``invite_failed`` event and left for the join sync, which invites
     every pending lease that has no ``invited_at`` yet. A lease a worker holds, or that stopped
     being pending meanwhile, is left alone (False).
+
+    The lease is claimed for the call (claim → call → record), so an operator's cancel meanwhile
+    waits as a request and is honoured here once the invite is recorded: the seat it freed cannot
+    be taken again by an invite still on its way.
     """
-    lease = MemberLease.objects.select_related("team").get(pk=lease_id)
-    team = lease.team
-    if lease.status != LeaseStatus.PENDING or team.is_dead:
+    if not _invitable(MemberLease.objects.select_related("team").get(pk=lease_id)):
         return False
+    owner = f"invite-{uuid.uuid4().hex[:12]}"
+    if not lease_claim(lease_id=lease_id, owner=owner):
+        return False  # a worker or an operator holds it
     try:
-        provider_for(team).invite(lease.email)
-    except ProviderError as exc:
-        logger.warning("invite of lease %s to team %s failed: %s", lease.pk, team.name, exc)
-        team_record_provider_error(team=team, error=exc, during="invite")
-        _record(
-            lease.pk, events.invite_failed(team=team, error=str(exc), reason=reason), {"last_error": str(exc)[:500]}
-        )
-        return False
-    event = (
-        events.reinvited(team=team, missed_syncs=reinvite_after_missed)
-        if reinvite_after_missed
-        else events.invited(team=team, reason=reason)
-    )
-    return _record(lease.pk, event, {"invited_at": timezone.now(), "missed_syncs": 0, "last_error": ""})
+        lease = MemberLease.objects.select_related("team").get(pk=lease_id)
+        team = lease.team
+        if not _invitable(lease):  # it moved on before the claim
+            return False
+        try:
+            provider_for(team).invite(lease.email)
+        except ProviderError as exc:
+            logger.warning("invite of lease %s to team %s failed: %s", lease.pk, team.name, exc)
+            team_record_provider_error(team=team, error=exc, during="invite")
+            _record(
+                lease.pk,
+                owner,
+                events.invite_failed(team=team, error=str(exc), reason=reason),
+                {"last_error": str(exc)[:500]},
+            )
+            invited = False
+        else:
+            event = (
+                events.reinvited(team=team, missed_syncs=reinvite_after_missed)
+                if reinvite_after_missed
+                else events.invited(team=team, reason=reason)
+            )
+            invited = _record(
+                lease.pk, owner, event, {"invited_at": timezone.now(), "missed_syncs": 0, "last_error": ""}
+            )
+        _honour_cancel_request(lease.pk, owner)
+        return invited
+    finally:
+        leases_release(lease_ids=[lease_id], owner=owner)
 
 
-def _record(lease_id: int, event: dict, changes: dict) -> bool:
+def _invitable(lease: MemberLease) -> bool:
+    return lease.status == LeaseStatus.PENDING and not lease.team.is_dead
+
+
+def _record(lease_id: int, owner: str, event: dict, changes: dict) -> bool:
     try:
-        lease_step(lease_id=lease_id, expect_from=[LeaseStatus.PENDING], unclaimed=True, changes=changes, **event)
-    except LeaseError as exc:  # the lease moved on (cancelled, claimed) while we called
+        lease_step(lease_id=lease_id, expect_from=[LeaseStatus.PENDING], claim=owner, changes=changes, **event)
+    except LeaseError as exc:  # the claim lapsed while we called
         logger.info("invite of lease %s not recorded: %s", lease_id, exc)
         return False
     return True
+
+
+def _honour_cancel_request(lease_id: int, owner: str) -> None:
+    from leases.services.cancellation import lease_cancel_claimed  # cancellation frees seats through here
+
+    lease = MemberLease.objects.get(pk=lease_id)
+    if lease.cancel_requested_at is None or lease.claimed_by != owner:
+        return
+    try:
+        lease_cancel_claimed(lease_id=lease_id, owner=owner, actor_id=None, reason=lease.cancel_reason)
+    except LeaseError as exc:  # the claim lapsed: the transfer executor honours the request
+        logger.info("cancel request of lease %s left to the executor: %s", lease_id, exc)
 
 
 def member_find(*, team: Team, email: str) -> ProviderMember | None:
