@@ -221,6 +221,46 @@ def test_cancel_while_a_worker_is_inside_the_invite_call(provider, make_team, ma
     assert sorted(e.detail["team"] for e in freed) == ["new", "old"]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_cancel_while_the_redemption_invite_is_on_its_way(provider, make_team, make_code, settings):
+    """The same race outside a transfer: an operator cancels a fresh lease while the invite sent
+    after its redemption waits for the provider. The invite must not outlive the cancel (found
+    while writing the test above: ``lease_invite`` called the provider without claiming the
+    lease, so the cancel freed the seat before the invite landed, and the invite stayed)."""
+    settings.LEASE_PROVIDER_TIMEOUT = 30  # the held invite must not time out
+    make_team("alpha", capacity=10)
+    code = make_code()
+    provider.state.hold_invites.set()
+    redeemed: list[object] = []
+
+    def customer() -> None:
+        try:
+            redeemed.append(redeem(code=code.code, email="quick@example.com"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            redeemed.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=customer)
+    thread.start()
+    try:
+        assert provider.state.invite_arrived.wait(30), "the redemption never reached the invite"
+        lease = MemberLease.objects.get(email="quick@example.com")
+        lease_cancel(lease_id=lease.pk, reason="customer asked")
+    finally:
+        provider.state.hold_invites.clear()
+        thread.join(30)
+    assert len(redeemed) == 1 and isinstance(redeemed[0], MemberLease), redeemed
+
+    lease.refresh_from_db()
+    assert lease.status == LeaseStatus.CANCELLED
+    assert (lease.claimed_by, lease.claimed_until, lease.cancel_requested_at) == ("", None, None)
+    assert provider.state.team("alpha").invite_posts == ["quick@example.com"]
+    assert not seated_in(provider, "alpha", "quick@example.com")  # no invite left behind
+    actions = actions_of(lease)
+    assert actions[0] == LeaseAction.REDEEMED and actions[-2:] == [LeaseAction.CANCELLED, LeaseAction.LEFT_OLD_TEAM]
+
+
 # -- defect 8: transfer claims are never renewed or re-checked ----------------------------------------------
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
