@@ -254,9 +254,9 @@ def test_cancel_while_the_redemption_invite_is_on_its_way(provider, make_team, m
 
     lease.refresh_from_db()
     assert lease.status == LeaseStatus.CANCELLED
-    assert (lease.claimed_by, lease.claimed_until, lease.cancel_requested_at) == ("", None, None)
     assert provider.state.team("alpha").invite_posts == ["quick@example.com"]
     assert not seated_in(provider, "alpha", "quick@example.com")  # no invite left behind
+    assert (lease.claimed_by, lease.claimed_until, lease.cancel_requested_at) == ("", None, None)
     actions = actions_of(lease)
     assert actions[0] == LeaseAction.REDEEMED and actions[-2:] == [LeaseAction.CANCELLED, LeaseAction.LEFT_OLD_TEAM]
 
