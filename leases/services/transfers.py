@@ -28,6 +28,7 @@ and people are alerted once. One lease's trouble never aborts the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -525,9 +526,12 @@ def transfers_run(
         if not ids:
             break
         result.claimed += len(ids)
-        threaded = concurrency > 1 and len(ids) > 1 and not connection.in_atomic_block
+        # Threads (the pool's, the claim keeper's) have their own connections: they cannot see
+        # rows of a caller's open transaction, so inside one everything runs in line.
+        own_transaction = not connection.in_atomic_block
+        threaded = concurrency > 1 and len(ids) > 1 and own_transaction
         try:
-            with ClaimKeeper(owner=owner, lease_ids=ids) if threaded else _no_keeper():
+            with ClaimKeeper(owner=owner, lease_ids=ids) if own_transaction else contextlib.nullcontext():
                 if threaded:
                     pending: SimpleQueue[int] = SimpleQueue()
                     for pk in ids:
@@ -545,17 +549,6 @@ def transfers_run(
         for outcome in outcomes:
             logger.info("transfer lease=%s %s %s", outcome.lease_id, outcome.outcome, outcome.detail)
     return result
-
-
-class _no_keeper:  # noqa: N801 - a null context manager, read like ``contextlib.nullcontext``
-    """In-line runs (one lease at a time inside the caller's transaction, e.g. tests and
-    ``--email``) renew nothing: they are short, and a thread could not see uncommitted rows."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def transfers_preview(*, email: str | None = None, now: datetime | None = None) -> TransferRunResult:
