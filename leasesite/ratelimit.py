@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
@@ -144,7 +145,14 @@ def get_rate_limiter(*, name: str, rate: float, jitter: float | None = None) -> 
 
 
 # -- attempt counting (abuse protection) --------------------------------------------------------------
-_local_windows: dict[str, tuple[float, int]] = {}
+# Without Redis the windows live in this process. They are kept in least-recently-used order and
+# bounded: windows that are over are dropped as they reach the front, and beyond
+# LOCAL_ATTEMPT_KEYS_MAX keys the least recently seen client is forgotten. Forgetting fails open
+# (that client starts a fresh window), like a Redis outage does: a flood of distinct addresses must
+# not grow the process without bound nor lock everyone out, while a client that keeps trying stays
+# at the recent end and stays counted.
+LOCAL_ATTEMPT_KEYS_MAX = 10_000
+_local_windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
 _local_windows_lock = threading.Lock()
 
 
@@ -152,8 +160,8 @@ def attempts_allow(*, key: str, limit: int, window_seconds: int) -> bool:
     """Count one attempt for ``key``; False once more than ``limit`` fell in the current window.
 
     A fixed window in Redis (INCR + EXPIRE, shared by every web process) or, without Redis, in
-    this process. Redis being down fails open: a login-free public form must not go dark because
-    the limiter's store did.
+    this process (bounded, see above). Redis being down fails open: a login-free public form must
+    not go dark because the limiter's store did.
     """
     if settings.REDIS_URL:
         import redis as redis_lib
@@ -175,4 +183,13 @@ def attempts_allow(*, key: str, limit: int, window_seconds: int) -> bool:
         if now - started >= window_seconds:
             started, count = now, 0
         _local_windows[key] = (started, count + 1)
+        _local_windows.move_to_end(key)
+        # The callers share one window length, so an entry at the front that is over can go.
+        while _local_windows:
+            oldest_key, (oldest_started, _count) = next(iter(_local_windows.items()))
+            if oldest_key == key or now - oldest_started < window_seconds:
+                break
+            del _local_windows[oldest_key]
+        while len(_local_windows) > LOCAL_ATTEMPT_KEYS_MAX:
+            _local_windows.popitem(last=False)
         return count + 1 <= limit

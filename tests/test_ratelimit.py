@@ -99,3 +99,41 @@ def test_slots_leave_room_for_jitter_so_no_second_holds_more_than_rate():
 def test_interval_is_rounded_up():
     limiter = RedisRateLimiter(redis_client(), f"test:rl:{uuid.uuid4().hex}", 3.0)
     assert limiter._interval_us * 3 >= 1_000_000
+
+
+# -- attempt counting without Redis (#17) ------------------------------------------------------------
+@pytest.fixture
+def local_attempts(settings):
+    """The in-process attempt counter (no Redis), emptied before and after."""
+    from leasesite import ratelimit
+
+    settings.REDIS_URL = ""
+    ratelimit._local_windows.clear()
+    yield ratelimit
+    ratelimit._local_windows.clear()
+
+
+def test_local_attempt_windows_stay_bounded_and_a_hot_key_is_still_limited(local_attempts):
+    from leasesite.ratelimit import LOCAL_ATTEMPT_KEYS_MAX, attempts_allow
+
+    hot_answers = []
+    for n in range(100_000):
+        attempts_allow(key=f"redeem:client-{n}", limit=10, window_seconds=600)
+        if n % 1000 == 0:  # the hot client comes back every 1,000 other clients: 100 attempts
+            hot_answers.append(attempts_allow(key="redeem:hot", limit=10, window_seconds=600))
+    assert len(local_attempts._local_windows) <= LOCAL_ATTEMPT_KEYS_MAX
+    assert hot_answers[:10] == [True] * 10
+    assert not any(hot_answers[10:]), "the hot client was forgotten while it kept trying"
+
+
+def test_local_attempt_windows_expire(local_attempts):
+    from leasesite.ratelimit import attempts_allow
+
+    assert attempts_allow(key="a", limit=1, window_seconds=600)
+    assert not attempts_allow(key="a", limit=1, window_seconds=600)
+    started, count = local_attempts._local_windows["a"][:2]
+    local_attempts._local_windows["a"] = (started - 601, count)  # its window is over
+    for n in range(10):
+        attempts_allow(key=f"other-{n}", limit=1, window_seconds=600)
+    assert "a" not in local_attempts._local_windows  # dropped, not kept until the cap is reached
+    assert attempts_allow(key="a", limit=1, window_seconds=600)
