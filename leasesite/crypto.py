@@ -131,11 +131,6 @@ def decrypt_with_current_key(ciphertext: str) -> str | None:
         return None
 
 
-def is_current_key(ciphertext: str) -> bool:
-    """True when the ciphertext decrypts with the first (encrypting) key."""
-    return decrypt_with_current_key(ciphertext) is not None
-
-
 def fingerprint_secret(plaintext: str) -> str:
     """Keyed hash (HMAC-SHA256) used for uniqueness; reveals nothing without the key."""
     key = settings.TOKEN_FINGERPRINT_KEY.encode()
