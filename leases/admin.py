@@ -20,9 +20,17 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from leases.models import LeaseEvent, MemberLease, RedemptionCode, Team
+from leases.models import LeaseEvent, MemberLease, RedemptionCode, Team, TeamEvent, TeamHealth
 from leases.selectors import team_seats_used, teams_with_seat_usage
-from leases.services.operator import lease_cancel, lease_force_transfer, lease_reset, lease_retry
+from leases.services.health import team_health_set
+from leases.services.operator import (
+    EDITABLE_FIELDS,
+    lease_cancel,
+    lease_edit,
+    lease_force_transfer,
+    lease_reset,
+    lease_retry,
+)
 from leases.services.redemption import MAX_CODES_PER_BATCH, codes_export_csv, codes_generate
 from leases.services.sync import joins_sync
 from leases.services.transitions import LeaseError
@@ -30,6 +38,12 @@ from leases.services.transitions import LeaseError
 
 # -- teams -----------------------------------------------------------------------------------------------
 class TeamForm(forms.ModelForm):
+    pool = forms.CharField(
+        label=_("pool"),
+        required=False,
+        max_length=50,
+        help_text=_("Redemptions and transfers stay inside one pool. Empty: default."),
+    )
     api_base = forms.URLField(
         label=_("API base URL"),
         required=False,
@@ -47,7 +61,10 @@ class TeamForm(forms.ModelForm):
 
     class Meta:
         model = Team
-        fields = ["name", "provider", "api_base", "api_token", "capacity", "is_active", "expires_at"]
+        fields = ["name", "provider", "api_base", "api_token", "capacity", "is_active", "expires_at", "pool"]
+
+    def clean_pool(self) -> str:
+        return (self.cleaned_data.get("pool") or "").strip() or "default"
 
     def clean_api_token(self) -> str:
         value = (self.cleaned_data.get("api_token") or "").strip()
@@ -57,11 +74,28 @@ class TeamForm(forms.ModelForm):
         return value
 
 
+class TeamEventInline(admin.TabularInline):
+    model = TeamEvent
+    extra = 0
+    can_delete = False
+    fields = ("created_at", "action", "from_health", "to_health", "actor", "detail")
+    readonly_fields = fields
+    ordering = ("created_at", "id")
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
     form = TeamForm
     list_display = (
         "name",
+        "pool",
+        "health",
         "provider",
         "capacity",
         "seats_used_display",
@@ -70,17 +104,40 @@ class TeamAdmin(admin.ModelAdmin):
         "last_synced_at",
         "last_sync_error",
     )
-    list_filter = ("is_active", "provider")
+    list_filter = ("health", "pool", "is_active", "provider")
     search_fields = ("name",)
     readonly_fields = (
         "masked_api_token_display",
+        "health",
+        "health_changed_at",
+        "health_reason",
         "last_synced_at",
         "members_seen",
         "invites_seen",
         "last_sync_error",
         "created_at",
     )
-    actions = ["sync_now"]
+    inlines = [TeamEventInline]
+    actions = ["sync_now", "mark_healthy", "mark_dead"]
+
+    @admin.action(description=_("Mark the selected teams healthy again (credentials fixed)"))
+    def mark_healthy(self, request: HttpRequest, queryset: QuerySet[Team]) -> None:
+        self._set_health(request, queryset, TeamHealth.HEALTHY, _("marked healthy by an operator"))
+
+    @admin.action(description=_("Mark the selected teams dead (their leases move to healthy teams)"))
+    def mark_dead(self, request: HttpRequest, queryset: QuerySet[Team]) -> None:
+        self._set_health(request, queryset, TeamHealth.DEAD, _("marked dead by an operator"))
+
+    def _set_health(self, request: HttpRequest, queryset: QuerySet[Team], health: str, reason: str) -> None:
+        changed = sum(
+            team_health_set(team_id=pk, health=health, reason=str(reason), actor_id=request.user.pk)
+            for pk in queryset.order_by("pk").values_list("pk", flat=True)
+        )
+        self.message_user(
+            request,
+            _("%(count)d team(s) are now %(health)s.") % {"count": changed, "health": TeamHealth(health).label},
+            messages.SUCCESS,
+        )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Team]:
         return teams_with_seat_usage(super().get_queryset(request))
@@ -176,7 +233,20 @@ class MemberLeaseAdmin(admin.ModelAdmin):
         "legacy_id",
         "status_page_link",
     )
-    fields = ("email", "term_months", "total_months", "ends_at", *readonly_fields)
+    fields = ("email", *EDITABLE_FIELDS, *readonly_fields)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: MemberLease | None = None) -> tuple[str, ...]:
+        return ("email", *self.readonly_fields)
+
+    def save_model(self, request: HttpRequest, obj: MemberLease, form: forms.ModelForm, change: bool) -> None:
+        """Edits go through the service (validated, one ``edited`` event); never a plain save."""
+        values = {name: form.cleaned_data[name] for name in form.changed_data if name in EDITABLE_FIELDS}
+        if not values:
+            return
+        try:
+            lease_edit(lease_id=obj.pk, actor_id=request.user.pk, **values)
+        except LeaseError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # leases come from redemption (or the legacy import), never typed in
@@ -225,7 +295,24 @@ class MemberLeaseAdmin(admin.ModelAdmin):
 
     @admin.action(description=_("Cancel selected leases (free their seats)"))
     def cancel_leases(self, request: HttpRequest, queryset: QuerySet[MemberLease]) -> None:
-        self._each(request, queryset, lease_cancel, _("%(count)d lease(s) cancelled."))
+        requested = []
+
+        def cancel(*, lease_id: int, actor_id: int | None) -> None:
+            outcome = lease_cancel(lease_id=lease_id, actor_id=actor_id, reason=str(_("cancelled in the admin")))
+            if not outcome.cancelled:
+                requested.append(lease_id)
+
+        self._each(request, queryset, cancel, _("%(count)d lease(s) cancelled or marked for cancellation."))
+        if requested:
+            self.message_user(
+                request,
+                _(
+                    "Lease(s) %(ids)s are being transferred right now: they will be cancelled as soon as the "
+                    "transfer's current step ends."
+                )
+                % {"ids": ", ".join(map(str, requested))},
+                messages.WARNING,
+            )
 
     @admin.action(description=_("Sync joins of the selected leases' teams now"))
     def sync_now(self, request: HttpRequest, queryset: QuerySet[MemberLease]) -> None:

@@ -34,15 +34,20 @@ class LeaseAction(models.TextChoices):
     INVITE_FAILED = "invite_failed", _("invite failed")
     REINVITED = "reinvited", _("re-invited")
     JOINED = "joined", _("joined")
+    MEMBER_SEEN = "member_seen", _("member id learnt")
     TRANSFER_STARTED = "transfer_started", _("transfer started")
+    TARGET_CHOSEN = "target_chosen", _("target team chosen")
     LEFT_OLD_TEAM = "left_old_team", _("left old team")
     TRANSFERRED = "transferred", _("transferred")
     TRANSFER_RETRY = "transfer_retry", _("transfer retry scheduled")
     TRANSFER_FAILED = "transfer_failed", _("transfer failed")
     EXPIRED = "expired", _("expired")
+    CANCEL_REQUESTED = "cancel_requested", _("cancel requested")
     CANCELLED = "cancelled", _("cancelled")
+    SEAT_NOT_FREED = "seat_not_freed", _("seat not freed at the provider")
     RESET = "reset", _("reset by operator")
     RETRY = "retry", _("retry by operator")
+    EDITED = "edited", _("edited by operator")
     IMPORTED = "imported", _("imported from the old system")
     NOTE = "note", _("note")
 
@@ -54,8 +59,9 @@ NON_FINAL_STATUSES = tuple(s for s in LeaseStatus if s not in FINAL_STATUSES)
 SEAT_HOLDING_STATUSES = NON_FINAL_STATUSES
 
 # The state machine (DESIGN §5). Anything not listed is refused by the transition function.
+# pending -> transferring: a pending lease of a dead team is evacuated to a healthy team.
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
-    LeaseStatus.PENDING: frozenset({LeaseStatus.ACTIVE, LeaseStatus.CANCELLED}),
+    LeaseStatus.PENDING: frozenset({LeaseStatus.ACTIVE, LeaseStatus.TRANSFERRING, LeaseStatus.CANCELLED}),
     LeaseStatus.ACTIVE: frozenset(
         {LeaseStatus.TRANSFERRING, LeaseStatus.EXPIRED, LeaseStatus.CANCELLED, LeaseStatus.FAILED}
     ),
@@ -67,6 +73,37 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     LeaseStatus.CANCELLED: frozenset(),
     LeaseStatus.EXPIRED: frozenset(),
 }
+
+
+# Steps: actions that write a lease's workflow fields without changing its status. The
+# transition function refuses a step its status does not list, like a transition the table above
+# does not list.
+_OPEN_STEPS = frozenset({LeaseAction.NOTE, LeaseAction.EDITED, LeaseAction.CANCEL_REQUESTED})
+STEP_ACTIONS: dict[str, frozenset[str]] = {
+    LeaseStatus.PENDING: _OPEN_STEPS
+    | {LeaseAction.INVITED, LeaseAction.INVITE_FAILED, LeaseAction.REINVITED, LeaseAction.SEAT_NOT_FREED},
+    LeaseStatus.ACTIVE: _OPEN_STEPS | {LeaseAction.MEMBER_SEEN},
+    LeaseStatus.TRANSFERRING: _OPEN_STEPS
+    | {
+        LeaseAction.TARGET_CHOSEN,
+        LeaseAction.INVITED,
+        LeaseAction.LEFT_OLD_TEAM,
+        LeaseAction.TRANSFER_RETRY,
+        LeaseAction.SEAT_NOT_FREED,
+    },
+    LeaseStatus.FAILED: _OPEN_STEPS | {LeaseAction.SEAT_NOT_FREED},
+    # After a cancel or an expiry the seat is freed at the provider and recorded.
+    LeaseStatus.CANCELLED: frozenset({LeaseAction.NOTE, LeaseAction.LEFT_OLD_TEAM, LeaseAction.SEAT_NOT_FREED}),
+    LeaseStatus.EXPIRED: frozenset({LeaseAction.NOTE}),
+}
+
+
+class TeamHealth(models.TextChoices):
+    """DESIGN §4: a dead team takes no redemptions and no transfers in; its leases are evacuated."""
+
+    HEALTHY = "healthy", _("healthy")
+    DEGRADED = "degraded", _("degraded (listings failing)")
+    DEAD = "dead", _("dead (credentials revoked or workspace deactivated)")
 
 
 class TransferStep(models.TextChoices):
@@ -86,6 +123,11 @@ class Team(models.Model):
     capacity = models.PositiveIntegerField(_("capacity (seats)"))
     is_active = models.BooleanField(_("active"), default=True)
     expires_at = models.DateTimeField(_("team expires at"), null=True, blank=True)
+    # Redemptions, transfers and evacuations stay inside one pool.
+    pool = models.CharField(_("pool"), max_length=50, default="default", db_index=True)
+    health = models.CharField(_("health"), max_length=16, choices=TeamHealth.choices, default=TeamHealth.HEALTHY)
+    health_changed_at = models.DateTimeField(_("health changed at"), null=True, blank=True)
+    health_reason = models.CharField(_("health reason"), max_length=500, blank=True)
     created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
     # What the last successful join sync saw at the provider (seats used by people we do not
     # lease count too).
@@ -100,10 +142,18 @@ class Team(models.Model):
         ordering = ["name"]
         constraints = [
             models.CheckConstraint(condition=models.Q(capacity__gte=1), name="team_capacity_positive"),
+            models.CheckConstraint(
+                condition=models.Q(health__in=[h.value for h in TeamHealth]), name="team_health_known"
+            ),
+            models.CheckConstraint(condition=~models.Q(pool=""), name="team_pool_set"),
         ]
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_dead(self) -> bool:
+        return self.health == TeamHealth.DEAD
 
     @property
     def masked_api_token(self) -> str:
@@ -148,6 +198,17 @@ class MemberLease(models.Model):
     # A worker's short claim on the lease while it talks to providers (crash: the claim lapses).
     claimed_until = models.DateTimeField(_("claimed until"), null=True, blank=True)
     claimed_by = models.CharField(_("claimed by"), max_length=64, blank=True)
+    # An operator's cancel of a lease a worker holds: the worker honours it at its next step.
+    cancel_requested_at = models.DateTimeField(_("cancel requested at"), null=True, blank=True)
+    cancel_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("cancel requested by"),
+    )
+    cancel_reason = models.CharField(_("cancel reason"), max_length=500, blank=True)
     legacy_id = models.CharField(_("id in the old system"), max_length=64, null=True, blank=True, unique=True)
 
     class Meta:
@@ -160,11 +221,28 @@ class MemberLease(models.Model):
             models.Index(Lower("email"), name="lease_email_lower_idx"),
         ]
         constraints = [
+            # One seat per customer: two open leases of one email (any teams, any case) cannot
+            # be stored, whatever races the code above loses.
             models.UniqueConstraint(
                 Lower("email"),
-                "team",
                 condition=models.Q(status__in=NON_FINAL_STATUSES),
-                name="lease_one_open_lease_per_email_and_team",
+                name="lease_one_open_lease_per_email",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(status=LeaseStatus.PENDING) | models.Q(joined_at__isnull=True),
+                name="lease_pending_not_joined",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(total_months__isnull=True) | models.Q(total_months__gte=models.F("term_months")),
+                name="lease_total_covers_term",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(cancel_requested_at__isnull=True) | models.Q(status__in=NON_FINAL_STATUSES),
+                name="lease_cancel_request_only_while_open",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(claimed_until__isnull=True) | ~models.Q(claimed_by=""),
+                name="lease_claim_has_owner",
             ),
             models.CheckConstraint(
                 condition=~models.Q(status=LeaseStatus.ACTIVE)
@@ -196,10 +274,27 @@ class MemberLease(models.Model):
         return f"{self.email} @ {self.team_id} ({self.status})"
 
 
-class LeaseEvent(models.Model):
-    """Append-only history of a lease: who did what, from which status to which."""
+class AppendOnlyError(Exception):
+    """Events are history: they are never changed or deleted."""
 
-    lease = models.ForeignKey(MemberLease, on_delete=models.CASCADE, related_name="events", verbose_name=_("lease"))
+
+class AppendOnlyQuerySet(models.QuerySet):
+    def update(self, **kwargs: object) -> int:
+        raise AppendOnlyError(f"{self.model.__name__} rows are append-only")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise AppendOnlyError(f"{self.model.__name__} rows are append-only")
+
+
+class LeaseEvent(models.Model):
+    """Append-only history of a lease: who did what, from which status to which.
+
+    Append-only is enforced three times: this model refuses ``save()`` of an existing row and
+    ``delete()``, its queryset refuses ``update()``/``delete()``, and on PostgreSQL a trigger
+    refuses UPDATE and DELETE (except the actor becoming NULL when a user is deleted).
+    """
+
+    lease = models.ForeignKey(MemberLease, on_delete=models.PROTECT, related_name="events", verbose_name=_("lease"))
     action = models.CharField(_("action"), max_length=32, choices=LeaseAction.choices)
     from_status = models.CharField(_("from status"), max_length=16, choices=LeaseStatus.choices, blank=True)
     to_status = models.CharField(_("to status"), max_length=16, choices=LeaseStatus.choices, blank=True)
@@ -214,6 +309,8 @@ class LeaseEvent(models.Model):
     )
     detail = models.JSONField(_("detail"), default=dict, blank=True)
 
+    objects = AppendOnlyQuerySet.as_manager()
+
     class Meta:
         verbose_name = _("lease event")
         verbose_name_plural = _("lease events")
@@ -221,6 +318,53 @@ class LeaseEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.from_status}->{self.to_status}"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        if not self._state.adding:
+            raise AppendOnlyError("lease events are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
+        raise AppendOnlyError("lease events are append-only")
+
+
+class TeamAction(models.TextChoices):
+    HEALTH_CHANGED = "health_changed", _("health changed")
+    NOTE = "note", _("note")
+
+
+class TeamEvent(models.Model):
+    """Append-only history of a team: health changes (who or what decided, and why)."""
+
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="events", verbose_name=_("team"))
+    action = models.CharField(_("action"), max_length=32, choices=TeamAction.choices)
+    from_health = models.CharField(_("from"), max_length=16, choices=TeamHealth.choices, blank=True)
+    to_health = models.CharField(_("to"), max_length=16, choices=TeamHealth.choices, blank=True)
+    created_at = models.DateTimeField(_("at"), default=timezone.now, editable=False, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("operator"),
+    )
+    detail = models.JSONField(_("detail"), default=dict, blank=True)
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("team event")
+        verbose_name_plural = _("team events")
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.from_health}->{self.to_health}"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        if not self._state.adding:
+            raise AppendOnlyError("team events are append-only")
+        super().save(*args, **kwargs)
 
 
 class RedemptionCode(models.Model):

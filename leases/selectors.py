@@ -10,7 +10,7 @@ from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from leases.models import NON_FINAL_STATUSES, LeaseStatus, MemberLease, Team
+from leases.models import NON_FINAL_STATUSES, LeaseStatus, MemberLease, Team, TeamHealth
 from leases.timeutils import add_months
 
 
@@ -55,17 +55,34 @@ class TeamChoice:
     covers_term: bool
 
 
+def teams_open_for_new_members(*, pool: str | None = None, now: datetime | None = None) -> QuerySet[Team]:
+    """Teams that may take a redemption or a transfer in: active, not ended, not dead (DESIGN §4),
+    inside ``pool`` when one is given."""
+    now = now or timezone.now()
+    teams = (
+        Team.objects.filter(is_active=True)
+        .exclude(health=TeamHealth.DEAD)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    )
+    return teams.filter(pool=pool) if pool is not None else teams
+
+
 def team_choices(
-    *, term_months: int, email: str, exclude_team_ids: tuple[int, ...] = (), now: datetime | None = None
+    *,
+    term_months: int,
+    email: str,
+    exclude_team_ids: tuple[int, ...] = (),
+    pool: str | None = None,
+    now: datetime | None = None,
 ) -> list[TeamChoice]:
-    """Teams a lease may go to, best first: active, not ended, a free seat, the email not already
-    there; those whose own ``expires_at`` covers the whole next term first, then most free seats."""
+    """Teams a lease may go to, best first: open for new members (in ``pool``), a free seat, the
+    email not already there; healthy before degraded, then those whose own ``expires_at`` covers
+    the whole next term, then most free seats."""
     now = now or timezone.now()
     term_end = add_months(now, term_months)
     busy_team_ids = MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).values("team_id")
     candidates = (
-        teams_with_seat_usage(Team.objects.filter(is_active=True))
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        teams_with_seat_usage(teams_open_for_new_members(pool=pool, now=now))
         .exclude(pk__in=exclude_team_ids)
         .exclude(pk__in=busy_team_ids)
         .order_by("pk")
@@ -76,16 +93,20 @@ def team_choices(
         if free > 0:
             covers = team.expires_at is None or team.expires_at >= term_end
             choices.append(TeamChoice(team=team, free=free, covers_term=covers))
-    choices.sort(key=lambda c: (not c.covers_term, -c.free, c.team.pk))
+    choices.sort(key=lambda c: (c.team.health != TeamHealth.HEALTHY, not c.covers_term, -c.free, c.team.pk))
     return choices
 
 
 def leases_due_for_transfer(*, now: datetime | None = None) -> QuerySet[MemberLease]:
-    """Active leases past ``expires_at``, and transfers whose retry time has come (or that a
-    crashed worker left behind), not claimed by a live worker."""
+    """Active leases past ``expires_at``, open leases of a dead team (evacuation), leases with a
+    cancel request, and transfers whose retry time has come (or that a crashed worker left behind),
+    not claimed by a live worker."""
     now = now or timezone.now()
-    due = Q(status=LeaseStatus.ACTIVE, expires_at__lte=now) | Q(
-        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now), status=LeaseStatus.TRANSFERRING
+    due = (
+        Q(status=LeaseStatus.ACTIVE, expires_at__lte=now)
+        | Q(status__in=(LeaseStatus.ACTIVE, LeaseStatus.PENDING), team__health=TeamHealth.DEAD)
+        | Q(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now), status=LeaseStatus.TRANSFERRING)
+        | Q(cancel_requested_at__isnull=False, status__in=NON_FINAL_STATUSES)
     )
     unclaimed = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
     return MemberLease.objects.filter(due & unclaimed)

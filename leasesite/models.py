@@ -30,6 +30,8 @@ class AlertState(models.Model):
     active = models.BooleanField(_("problem ongoing"), default=False)
     notified = models.BooleanField(_("start announced"), default=False)
     since = models.DateTimeField(_("since"), null=True, blank=True)
+    # What the ongoing problem looked like when last announced (a digest of findings).
+    fingerprint = models.CharField(_("fingerprint"), max_length=64, blank=True)
     last_sent_at = models.DateTimeField(_("last sent at"), null=True, blank=True)
     last_title = models.CharField(_("last title"), max_length=200, blank=True)
 

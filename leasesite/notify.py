@@ -3,7 +3,8 @@
 Alerts fire on changes, not on states (healthchecks' flips):
 
 - ``alert_problem(key=...)`` announces a problem when it starts; while it lasts, calling it again
-  sends nothing.
+  sends nothing — unless its ``fingerprint`` (e.g. a digest of a check's findings) changed: then
+  the change is announced.
 - ``alert_resolved(key=...)`` sends "resolved" when a problem that was announced clears.
 - ``alert_send(key=...)`` is a one-off alert; the same key is sent at most once per
   ``ALERT_DEDUP_SECONDS``.
@@ -95,20 +96,29 @@ def alert_send(*, title: str, body: str, level: str = "warning", key: str | None
     return _deliver(title=title, body=body, level=level)
 
 
-def alert_problem(*, key: str, title: str, body: str, level: str = "warning") -> bool:
-    """A problem is present. Alerts when it starts (once); True when this call sent an alert."""
+def alert_problem(*, key: str, title: str, body: str, level: str = "warning", fingerprint: str = "") -> bool:
+    """A problem is present. Alerts when it starts (once), and again when its ``fingerprint``
+    changes; True when this call sent an alert."""
     now = timezone.now()
+    fingerprint = fingerprint[:64]
     try:
         with transaction.atomic():
             row = _state_row(key)
-            if not row.filter(active=False).update(active=True, since=now, notified=False):
-                return False  # already known: said when it started
-            # A problem that flaps (starts again within the de-duplication window) is not
-            # announced again; its "resolved" is then not sent either.
-            due = Q(last_sent_at__isnull=True) | Q(last_sent_at__lt=_dedup_cutoff())
-            if not row.filter(due).update(notified=True, last_sent_at=now, last_title=title[:200]):
-                logger.info("alert %r started again within ALERT_DEDUP_SECONDS; not re-sent", key)
-                return False
+            started = row.filter(active=False).update(active=True, since=now, notified=False, fingerprint=fingerprint)
+            if not started:
+                # Ongoing and unchanged: already said. Ongoing with other findings: new
+                # information, announced whatever the de-duplication window says.
+                if not row.exclude(fingerprint=fingerprint).update(
+                    fingerprint=fingerprint, notified=True, last_sent_at=now, last_title=title[:200]
+                ):
+                    return False
+            else:
+                # A problem that starts again within the de-duplication window (it flaps) is not
+                # announced again, and then its "resolved" is not sent either.
+                due = Q(last_sent_at__isnull=True) | Q(last_sent_at__lt=_dedup_cutoff())
+                if not row.filter(due).update(notified=True, last_sent_at=now, last_title=title[:200]):
+                    logger.info("alert %r started again within ALERT_DEDUP_SECONDS; not re-sent", key)
+                    return False
     except DatabaseError:
         logger.warning("alert state unavailable; sending %r without de-duplication", key)
     return _deliver(title=title, body=body, level=level)
@@ -124,7 +134,7 @@ def alert_resolved(*, key: str, title: str, body: str = "") -> bool:
             if state is None:
                 return False
             announced = state.notified
-            AlertState.objects.filter(pk=state.pk).update(active=False, notified=False)
+            AlertState.objects.filter(pk=state.pk).update(active=False, notified=False, fingerprint="")
     except DatabaseError:
         logger.warning("alert state unavailable; %r not resolved", key)
         return False

@@ -197,6 +197,8 @@ BAOMING_RUN_LOCK_TTL = env_int("BAOMING_RUN_LOCK_TTL", 600, minimum=10)
 # --- Seat leases (DESIGN §4-§7) -----------------------------------------------------------------
 LEASE_PROVIDER_TIMEOUT = env_float("LEASE_PROVIDER_TIMEOUT", 10.0, minimum=0, exclusive_minimum=True)
 LEASE_PROVIDER_PAGE_SIZE = env_int("LEASE_PROVIDER_PAGE_SIZE", 100, minimum=1)
+# Requests per second to one team-provider host, all workers together (the shared limiter).
+LEASE_PROVIDER_RATE_LIMIT = env_float("LEASE_PROVIDER_RATE_LIMIT", 5.0, minimum=0, exclusive_minimum=True)
 # A pending lease missing from both the members and the invites listing this many syncs in a row
 # is invited again.
 LEASE_REINVITE_AFTER_MISSED_SYNCS = env_int("LEASE_REINVITE_AFTER_MISSED_SYNCS", 3, minimum=1)

@@ -26,6 +26,7 @@ os.environ.setdefault("BAOMING_RATE_LIMIT", "1000")
 os.environ.setdefault("BAOMING_TIMEOUT", "2")
 os.environ.setdefault("DJANGO_LANGUAGE_CODE", "zh-hans")
 os.environ.setdefault("LEASE_PROVIDER_TIMEOUT", "2")
+os.environ.setdefault("LEASE_PROVIDER_RATE_LIMIT", "1000")
 # Inline transfers by default: threads would not see a test's uncommitted rows. Tests of the
 # threaded path use transaction=True and set it themselves.
 os.environ.setdefault("LEASE_TRANSFER_CONCURRENCY", "1")

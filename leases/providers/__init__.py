@@ -15,6 +15,7 @@ from leases.providers.base import (
     ProviderError,
     ProviderInvite,
     ProviderMember,
+    TeamDeadError,
     TeamProvider,
     TransientProviderError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "ProviderError",
     "ProviderInvite",
     "ProviderMember",
+    "TeamDeadError",
     "TeamProvider",
     "TransientProviderError",
     "provider_for",

@@ -25,9 +25,10 @@ class ProviderError(Exception):
 
     transient: bool = True
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class TransientProviderError(ProviderError):
@@ -40,6 +41,15 @@ class PermanentProviderError(ProviderError):
     """The provider refused the request (bad credentials, bad request): retrying will not help."""
 
     transient = False
+
+
+class TeamDeadError(PermanentProviderError):
+    """The team itself is unusable: its credentials were refused (401/403) or its workspace is
+    deactivated (402). The team is unhealthy, not the lease (DESIGN §4)."""
+
+
+# HTTP answers that mean "this team is dead" rather than "this request was wrong".
+TEAM_DEAD_STATUSES = frozenset({401, 402, 403})
 
 
 class TeamProvider(Protocol):

@@ -4,6 +4,12 @@ One ``requests.Session`` per process (connection reuse), explicit timeouts, type
 HTTP 429, 5xx, timeouts, connection errors and malformed answers are ``TransientProviderError``;
 other 4xx are ``PermanentProviderError``; 409 on invite and 404 on removal mean "already done".
 Listings are paged with ``offset``/``limit`` until ``total`` items were read.
+
+401/403 (credentials refused) and 402 (workspace deactivated) raise ``TeamDeadError``: the team
+is dead, not the lease. Every request to one provider host first takes a slot of one shared rate
+limit (``LEASE_PROVIDER_RATE_LIMIT`` per second, all workers together, through Redis); a 429
+with ``Retry-After`` pauses that host's limiter for every worker and the request is tried again
+(at most ``RETRY_AFTER_ATTEMPTS`` times, each wait at most ``MAX_RETRY_AFTER_SECONDS``).
 """
 
 from __future__ import annotations
@@ -12,20 +18,44 @@ import json
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 from django.conf import settings
 from requests.adapters import HTTPAdapter
 
 from leases.providers.base import (
+    TEAM_DEAD_STATUSES,
     PermanentProviderError,
     ProviderInvite,
     ProviderMember,
+    TeamDeadError,
     TransientProviderError,
 )
+from leasesite.ratelimit import RateLimiter, get_rate_limiter
 
 MAX_PAGES = 10_000  # a provider whose "total" never ends must not loop us forever
+RETRY_AFTER_ATTEMPTS = 2  # a 429 is retried this often within one call, then it is transient
+MAX_RETRY_AFTER_SECONDS = 30.0  # a longer Retry-After is honoured by the next run, not by sleeping
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (only the delta-seconds form is used by providers), or None."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        return None
+    return min(seconds, 24 * 3600.0)
+
+
+def host_limiter(api_base: str) -> RateLimiter:
+    """One shared limiter per provider host (scheme + host + port)."""
+    parts = urlsplit(api_base)
+    return get_rate_limiter(name=f"provider:{parts.scheme}://{parts.netloc}", rate=settings.LEASE_PROVIDER_RATE_LIMIT)
 
 
 @lru_cache(maxsize=1)
@@ -64,24 +94,38 @@ class HttpTeamProvider:
         self.timeout = timeout if timeout is not None else settings.LEASE_PROVIDER_TIMEOUT
         self.page_size = settings.LEASE_PROVIDER_PAGE_SIZE
         self.calls = 0
+        self.limiter = host_limiter(self.api_base)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        self.calls += 1
         url = self.api_base + path
-        try:
-            response = _session().request(method, url, headers=self._headers, timeout=self.timeout, **kwargs)
-        except requests.Timeout:
-            raise TransientProviderError(f"{method} {path}: timed out after {self.timeout:g}s") from None
-        except requests.RequestException as exc:
-            raise TransientProviderError(f"{method} {path}: connection error ({type(exc).__name__})") from None
-        return response
+        for attempt in range(RETRY_AFTER_ATTEMPTS + 1):
+            self.limiter.acquire()
+            self.calls += 1
+            try:
+                response = _session().request(method, url, headers=self._headers, timeout=self.timeout, **kwargs)
+            except requests.Timeout:
+                raise TransientProviderError(f"{method} {path}: timed out after {self.timeout:g}s") from None
+            except requests.RequestException as exc:
+                raise TransientProviderError(f"{method} {path}: connection error ({type(exc).__name__})") from None
+            if response.status_code != 429:
+                return response
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if retry_after is not None:
+                # The provider throttles this host as a whole: every worker waits.
+                self.limiter.pause(retry_after)
+            if retry_after is None or retry_after > MAX_RETRY_AFTER_SECONDS or attempt == RETRY_AFTER_ATTEMPTS:
+                raise TransientProviderError(f"{method} {path}: HTTP 429", status=429, retry_after=retry_after)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     @staticmethod
     def _raise_for(method: str, path: str, response: requests.Response) -> None:
         status = response.status_code
         if status == 429 or status >= 500:
             raise TransientProviderError(f"{method} {path}: HTTP {status}", status=status)
+        if status in TEAM_DEAD_STATUSES:
+            meaning = "workspace deactivated" if status == 402 else "credentials refused"
+            raise TeamDeadError(f"{method} {path}: HTTP {status} ({meaning})", status=status)
         if status >= 400:
             raise PermanentProviderError(f"{method} {path}: HTTP {status}", status=status)
 

@@ -1,4 +1,8 @@
-"""Inviting a lease's email to its team: call the provider outside any transaction, then record."""
+"""Seats at the provider: invite a lease's email to its team, free a seat, find a member.
+
+Providers are called outside any transaction; what happened is then recorded through the
+transition function (``lease_step``).
+"""
 
 from __future__ import annotations
 
@@ -6,53 +10,95 @@ import logging
 
 from django.utils import timezone
 
-from leases.models import LeaseAction, MemberLease, Team
-from leases.providers import ProviderError, provider_for
-from leases.services.transitions import lease_event_record
+from leases import events
+from leases.models import LeaseStatus, MemberLease, Team
+from leases.providers import ProviderError, ProviderMember, provider_for
+from leases.services.health import team_record_provider_error
+from leases.services.transitions import LeaseError, lease_step
 
 logger = logging.getLogger(__name__)
 
 
-def lease_invite(*, lease_id: int, action: str = LeaseAction.INVITED, detail: dict | None = None) -> bool:
-    """Invite the lease's email to its current team. True when the provider accepted it.
+def lease_invite(*, lease_id: int, reinvite_after_missed: int = 0, reason: str = "") -> bool:
+    """Invite a pending lease's email to its current team. True when the provider accepted it.
 
     A failure is recorded as an ``invite_failed`` event and left for the join sync, which invites
-    every pending lease that has no ``invited_at`` yet.
+    every pending lease that has no ``invited_at`` yet. A lease a worker holds, or that stopped
+    being pending meanwhile, is left alone (False).
     """
     lease = MemberLease.objects.select_related("team").get(pk=lease_id)
     team = lease.team
+    if lease.status != LeaseStatus.PENDING or team.is_dead:
+        return False
     try:
         provider_for(team).invite(lease.email)
     except ProviderError as exc:
         logger.warning("invite of lease %s to team %s failed: %s", lease.pk, team.name, exc)
-        lease_event_record(
-            lease_id=lease.pk,
-            action=LeaseAction.INVITE_FAILED,
-            detail={"team": team.name, "error": str(exc)[:500], **(detail or {})},
-            last_error=str(exc)[:500],
+        team_record_provider_error(team=team, error=exc, during="invite")
+        _record(
+            lease.pk, events.invite_failed(team=team, error=str(exc), reason=reason), {"last_error": str(exc)[:500]}
         )
         return False
-    lease_event_record(
-        lease_id=lease.pk,
-        action=action,
-        detail={"team": team.name, **(detail or {})},
-        invited_at=timezone.now(),
-        missed_syncs=0,
-        last_error="",
+    event = (
+        events.reinvited(team=team, missed_syncs=reinvite_after_missed)
+        if reinvite_after_missed
+        else events.invited(team=team, reason=reason)
     )
+    return _record(lease.pk, event, {"invited_at": timezone.now(), "missed_syncs": 0, "last_error": ""})
+
+
+def _record(lease_id: int, event: dict, changes: dict) -> bool:
+    try:
+        lease_step(lease_id=lease_id, expect_from=[LeaseStatus.PENDING], unclaimed=True, changes=changes, **event)
+    except LeaseError as exc:  # the lease moved on (cancelled, claimed) while we called
+        logger.info("invite of lease %s not recorded: %s", lease_id, exc)
+        return False
     return True
+
+
+def member_find(*, team: Team, email: str) -> ProviderMember | None:
+    email = email.lower()
+    return next((m for m in provider_for(team).list_members() if m.email == email), None)
 
 
 def seat_free(*, team: Team, email: str, member_id: str = "") -> dict:
     """Free ``email``'s seat in ``team`` at the provider: remove the member (looked up by email when
-    the id is not known) or, if they never joined, withdraw the invite. "Already gone" is done.
-    Returns what was done, for the event's detail; raises ProviderError."""
+    the id is not known) or, if they never joined, withdraw the invite — and then check the
+    members again, since an invite accepted meanwhile makes a withdrawal answer 404 ("no such
+    invite") while the person sits in the team. Returns what was done, for the event's detail;
+    raises ProviderError."""
     provider = provider_for(team)
     if not member_id:
-        match = next((m for m in provider.list_members() if m.email == email.lower()), None)
+        match = member_find(team=team, email=email)
         member_id = match.id if match else ""
     if member_id:
         provider.remove_member(member_id)
         return {"member_id": member_id}
     provider.cancel_invite(email)
+    joined_meanwhile = member_find(team=team, email=email)
+    if joined_meanwhile is not None:
+        provider.remove_member(joined_meanwhile.id)
+        return {"member_id": joined_meanwhile.id, "invite_cancelled": True, "accepted_meanwhile": True}
     return {"member_id": None, "invite_cancelled": True}
+
+
+def seat_whereabouts(*, teams: list[Team], email: str) -> dict:
+    """Where ``email`` really sits among ``teams`` (member or invited), for a failed lease's record.
+    Teams that cannot be listed are named as unknown."""
+    seated, invited, unknown = [], [], []
+    for team in teams:
+        if team.is_dead:
+            unknown.append(team.name)
+            continue
+        provider = provider_for(team)
+        try:
+            members = {m.email for m in provider.list_members()}
+            invites = {i.email for i in provider.list_invites()}
+        except ProviderError:
+            unknown.append(team.name)
+            continue
+        if email.lower() in members:
+            seated.append(team.name)
+        elif email.lower() in invites:
+            invited.append(team.name)
+    return {"member_of": seated, "invited_to": invited, "whereabouts_unknown": unknown or None}

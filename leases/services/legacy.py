@@ -112,7 +112,7 @@ def legacy_db_import(*, path: str | Path, dry_run: bool = False) -> LegacyImport
         schema = _schema(connection, path)
         teams = {team.name: team for team in Team.objects.only("pk", "name")}
         seen_ids: set[str] = set()
-        open_in_file: dict[tuple[str, int], str] = {}  # (email, team pk) -> legacy id opening it
+        open_in_file: dict[str, str] = {}  # email -> legacy id opening its lease
         planned_per_team: Counter[int] = Counter()
         now = timezone.now()
         try:
@@ -327,6 +327,10 @@ def _candidate(row: dict[str, Any], legacy_id: str, schema: _Schema, teams: dict
     joined_at = expires_at = None
     if status == LeaseStatus.ACTIVE and join_at is None:
         raise _Skip("active without join_at")
+    if join_at is not None and join_at < start_at:
+        # A seat is joined after it was redeemed; the other order is a corrupt row, and taking
+        # it would start the term before the customer paid.
+        raise _Skip(f"join_at ({join_at.isoformat()}) is before start_at ({start_at.isoformat()})")
     if status != LeaseStatus.PENDING and join_at is not None:
         # A failed lease without join_at keeps no expiry either (an expiry needs a join time).
         joined_at = join_at
@@ -366,7 +370,7 @@ def _chunk_candidates(
     schema: _Schema,
     teams: dict[str, Team],
     seen_ids: set[str],
-    open_in_file: dict[tuple[str, int], str],
+    open_in_file: dict[str, str],
     report: LegacyImportReport,
 ) -> list[_Candidate]:
     """The chunk's rows to create, in two queries; skipped and already-imported rows go to ``report``."""
@@ -395,26 +399,23 @@ def _chunk_candidates(
     if not candidates:
         return []
 
+    # One open lease per email, whatever the team (the database enforces it too).
     open_in_db = {
-        (email, team_id): (pk, status)
-        for email, team_id, pk, status in MemberLease.objects.annotate(email_lower=Lower("email"))
-        .filter(
-            status__in=NON_FINAL_STATUSES,
-            team_id__in={c.lease.team_id for c in candidates},
-            email_lower__in={c.lease.email for c in candidates},
-        )
-        .values_list("email_lower", "team_id", "pk", "status")
+        email: (pk, status, team_name)
+        for email, pk, status, team_name in MemberLease.objects.annotate(email_lower=Lower("email"))
+        .filter(status__in=NON_FINAL_STATUSES, email_lower__in={c.lease.email for c in candidates})
+        .values_list("email_lower", "pk", "status", "team__name")
     }
     accepted: list[_Candidate] = []
     for candidate in candidates:
         lease = candidate.lease
-        key = (lease.email, lease.team_id)
+        key = lease.email
         # The file first: a dry run (which writes nothing) then gives the same reasons as a real run.
         if key in open_in_file:
-            reason = f"{lease.email} already gets an open lease in team {lease.team.name} from row {open_in_file[key]}"
+            reason = f"{lease.email} already gets an open lease from row {open_in_file[key]}"
         elif key in open_in_db:
-            pk, status = open_in_db[key]
-            reason = f"{lease.email} already has an open lease in team {lease.team.name} (lease {pk}, {status})"
+            pk, status, team_name = open_in_db[key]
+            reason = f"{lease.email} already has an open lease (lease {pk}, {status}, team {team_name})"
         else:
             open_in_file[key] = candidate.legacy_id
             accepted.append(candidate)

@@ -1,27 +1,34 @@
-"""Manual interventions from the console (admin actions) and the operators' commands.
+"""Manual interventions from the console (admin actions and edits) and the operators' commands.
 
 Each function acts on one lease through the transition function and raises ``LeaseError`` with
-a precise message when the lease is in the wrong state; nothing is changed then.
+a precise message when the lease is in the wrong state or a worker holds it; nothing is changed
+then. Cancelling lives in ``leases.services.cancellation``.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from leases.models import FINAL_STATUSES, LeaseAction, LeaseStatus, MemberLease
-from leases.providers import ProviderError
-from leases.services.invites import seat_free
+from leases import events
+from leases.models import LeaseStatus, MemberLease
+from leases.services.cancellation import CancelOutcome, lease_cancel
 from leases.services.sync import joins_sync
-from leases.services.transfers import UNCLAIMED, lease_transfer_start, transfers_run
-from leases.services.transitions import LeaseError, lease_event_record, lease_transition
+from leases.services.transfers import lease_transfer_start, transfers_run
+from leases.services.transitions import LeaseError, lease_claim, lease_step, lease_transition, leases_release
 from leases.timeutils import add_months
+from leasesite.cli import MAX_MONTHS
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CancelOutcome", "lease_cancel", "lease_edit", "lease_force_transfer", "lease_reset", "lease_retry"]
 
 
 def _enqueue_transfers(email: str) -> None:
@@ -30,14 +37,15 @@ def _enqueue_transfers(email: str) -> None:
     transaction.on_commit(lambda: run_transfers.delay(email=email))
 
 
+def _require(lease: MemberLease, status: str, message: str) -> None:
+    if lease.status != status:
+        raise LeaseError(message % {"id": lease.pk, "status": LeaseStatus(lease.status).label})
+
+
 def lease_reset(*, lease_id: int, actor_id: int | None = None) -> MemberLease:
     """failed → active: the operator checked the member is seated in the lease's team."""
     lease = MemberLease.objects.get(pk=lease_id)
-    if lease.status != LeaseStatus.FAILED:
-        raise LeaseError(
-            _("Lease %(id)s is %(status)s; only failed leases can be reset to active.")
-            % {"id": lease.pk, "status": LeaseStatus(lease.status).label}
-        )
+    _require(lease, LeaseStatus.FAILED, _("Lease %(id)s is %(status)s; only failed leases can be reset to active."))
     now = timezone.now()
 
     def changes(locked: MemberLease) -> dict:
@@ -54,11 +62,11 @@ def lease_reset(*, lease_id: int, actor_id: int | None = None) -> MemberLease:
     lease, _changed = lease_transition(
         lease_id=lease.pk,
         to_status=LeaseStatus.ACTIVE,
-        action=LeaseAction.RESET,
         actor_id=actor_id,
         expect_from=[LeaseStatus.FAILED],
+        unclaimed=True,
         changes=changes,
-        detail={"previous_error": lease.last_error[:500]},
+        **events.reset(previous_error=lease.last_error),
     )
     return lease
 
@@ -66,73 +74,82 @@ def lease_reset(*, lease_id: int, actor_id: int | None = None) -> MemberLease:
 def lease_retry(*, lease_id: int, actor_id: int | None = None) -> MemberLease:
     """failed → transferring with a fresh attempt budget; the executor picks it up at once."""
     lease = MemberLease.objects.get(pk=lease_id)
-    if lease.status != LeaseStatus.FAILED:
-        raise LeaseError(
-            _("Lease %(id)s is %(status)s; only failed leases can be retried.")
-            % {"id": lease.pk, "status": LeaseStatus(lease.status).label}
-        )
+    _require(lease, LeaseStatus.FAILED, _("Lease %(id)s is %(status)s; only failed leases can be retried."))
     with transaction.atomic():
         lease, _changed = lease_transition(
             lease_id=lease.pk,
             to_status=LeaseStatus.TRANSFERRING,
-            action=LeaseAction.RETRY,
             actor_id=actor_id,
             expect_from=[LeaseStatus.FAILED],
+            unclaimed=True,
             changes={"attempts": 0, "next_attempt_at": timezone.now(), "last_error": ""},
-            detail={"previous_error": lease.last_error[:500]},
+            **events.retry(previous_error=lease.last_error),
         )
         _enqueue_transfers(lease.email)
     return lease
 
 
 def lease_force_transfer(*, lease_id: int, actor_id: int | None = None) -> MemberLease:
-    """active → transferring now, before the term is over."""
+    """active → transferring now, before the term is over. The operator claims the lease for the
+    start (so no worker moves it at the same moment), then the executor takes over."""
     lease = MemberLease.objects.select_related("team").get(pk=lease_id)
-    if lease.status != LeaseStatus.ACTIVE:
+    _require(lease, LeaseStatus.ACTIVE, _("Lease %(id)s is %(status)s; only active leases can be transferred."))
+    owner = f"operator-{uuid.uuid4().hex[:12]}"
+    if not lease_claim(lease_id=lease.pk, owner=owner):
         raise LeaseError(
-            _("Lease %(id)s is %(status)s; only active leases can be transferred.")
+            _("Lease %(id)s is being worked on by a transfer right now; try again in a minute.") % {"id": lease.pk}
+        )
+    try:
+        with transaction.atomic():
+            lease = lease_transfer_start(lease=lease, now=timezone.now(), owner=owner, actor_id=actor_id, forced=True)
+            _enqueue_transfers(lease.email)
+    finally:
+        leases_release(lease_ids=[lease.pk], owner=owner)
+    return lease
+
+
+# Fields an operator may edit on a lease; everything else belongs to the workflow.
+EDITABLE_FIELDS = ("term_months", "total_months", "ends_at")
+
+
+def lease_edit(*, lease_id: int, actor_id: int | None = None, **values: Any) -> MemberLease:
+    """An operator's edit of a lease's terms (``term_months``, ``total_months``, ``ends_at``),
+    validated, written through the transition function with an ``edited`` event that records
+    each change (old, new). The email is not editable: a seat belongs to the address that redeemed
+    it (cancel and redeem anew to move it)."""
+    unknown = set(values) - set(EDITABLE_FIELDS)
+    if unknown:
+        raise LeaseError(_("These fields cannot be edited: %(fields)s.") % {"fields": ", ".join(sorted(unknown))})
+    lease = MemberLease.objects.get(pk=lease_id)
+    term = values.get("term_months", lease.term_months)
+    total = values.get("total_months", lease.total_months)
+    if not isinstance(term, int) or not 1 <= term <= MAX_MONTHS:
+        raise LeaseError(_("The term must be between 1 and %(max)d months.") % {"max": MAX_MONTHS})
+    if total is not None and (not isinstance(total, int) or not term <= total <= MAX_MONTHS):
+        raise LeaseError(
+            _("The entitlement must be at least one term and at most %(max)d months.") % {"max": MAX_MONTHS}
+        )
+    if "ends_at" in values and values["ends_at"] is not None and not isinstance(values["ends_at"], datetime):
+        raise LeaseError(_("The entitlement end must be a date and time."))
+    if lease.status in (LeaseStatus.CANCELLED, LeaseStatus.EXPIRED):
+        raise LeaseError(
+            _("Lease %(id)s is %(status)s; a closed lease cannot be edited.")
             % {"id": lease.pk, "status": LeaseStatus(lease.status).label}
         )
-    with transaction.atomic():
-        lease = lease_transfer_start(lease=lease, now=timezone.now(), actor_id=actor_id, forced=True)
-        _enqueue_transfers(lease.email)
-    return lease
+    changes = {name: value for name, value in values.items() if getattr(lease, name) != value}
+    if not changes:
+        return lease
+    recorded = {name: (_jsonable(getattr(lease, name)), _jsonable(value)) for name, value in changes.items()}
+    try:
+        return lease_step(
+            lease_id=lease.pk, actor_id=actor_id, unclaimed=True, changes=changes, **events.edited(changes=recorded)
+        )
+    except IntegrityError as exc:
+        raise LeaseError(_("The database refused the edit: %(error)s") % {"error": exc}) from None
 
 
-def lease_cancel(*, lease_id: int, actor_id: int | None = None, reason: str = "") -> MemberLease:
-    """Any open state → cancelled (final); then the seat is freed at the provider (best effort)."""
-    lease = MemberLease.objects.select_related("team", "transfer_team").get(pk=lease_id)
-    if lease.status in FINAL_STATUSES:
-        raise LeaseError(
-            _("Lease %(id)s is already %(status)s.") % {"id": lease.pk, "status": LeaseStatus(lease.status).label}
-        )
-    # The old team (member id known) and, mid-transfer, the team already invited to.
-    seats = [(lease.team, lease.provider_member_id)]
-    if lease.transfer_team_id:
-        seats.append((lease.transfer_team, ""))
-    lease, _changed = lease_transition(
-        lease_id=lease.pk,
-        to_status=LeaseStatus.CANCELLED,
-        action=LeaseAction.CANCELLED,
-        actor_id=actor_id,
-        changes={"next_attempt_at": None, **UNCLAIMED},
-        detail={"reason": reason[:500]},
-    )
-    for team, member_id in seats:
-        try:
-            freed = seat_free(team=team, email=lease.email, member_id=member_id)
-        except ProviderError as exc:
-            lease_event_record(
-                lease_id=lease.pk,
-                action=LeaseAction.NOTE,
-                actor_id=actor_id,
-                detail={"team": team.name, "note": "seat not freed at the provider", "error": str(exc)[:300]},
-            )
-            continue
-        lease_event_record(
-            lease_id=lease.pk, action=LeaseAction.LEFT_OLD_TEAM, actor_id=actor_id, detail={"team": team.name, **freed}
-        )
-    return lease
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 @dataclass
@@ -153,3 +170,11 @@ def run_for_email(email: str) -> EmailRunReport:
     latest = MemberLease.objects.filter(email__iexact=email).order_by("-created_at", "-pk").first()
     report.status = latest.status if latest else ""
     return report
+
+
+def lease_note(*, lease_id: int, actor_id: int | None, text: str) -> MemberLease:
+    """An operator's note in the lease's history."""
+    text = (text or "").strip()
+    if not text:
+        raise LeaseError(_("A note cannot be empty."))
+    return lease_step(lease_id=lease_id, actor_id=actor_id, **events.note(text=text))

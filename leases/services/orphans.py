@@ -1,18 +1,28 @@
-"""Orphan check: who is seated where the leases do not say, read from every team's member list."""
+"""Orphan check: who is seated or invited where the leases do not say, read from every team's
+member and invite lists.
+
+It alerts when its findings change (a digest of them is the alert's fingerprint), not on every
+hourly run, and says "resolved" when they are gone.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from leases.models import LeaseStatus, MemberLease, Team
+from django.utils.translation import gettext as _
+
+from leases.models import LeaseStatus, MemberLease, Team, TeamHealth
 from leases.providers import ProviderError, provider_for
-from leasesite.notify import alert_send
+from leasesite.notify import alert_problem, alert_resolved
 
 logger = logging.getLogger(__name__)
 
 MAX_LISTED = 20
+ORPHANS_ALERT_KEY = "leases:orphans"
 
 
 @dataclass
@@ -21,6 +31,7 @@ class OrphanReport:
     teams_failed: dict[str, str] = field(default_factory=dict)
     in_several_teams: dict[str, list[str]] = field(default_factory=dict)  # email -> team names
     without_lease: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
+    invites_without_lease: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
     active_not_seated: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
 
     @property
@@ -28,8 +39,19 @@ class OrphanReport:
         return (
             len(self.in_several_teams)
             + sum(map(len, self.without_lease.values()))
+            + sum(map(len, self.invites_without_lease.values()))
             + sum(map(len, self.active_not_seated.values()))
         )
+
+    def fingerprint(self) -> str:
+        findings = [
+            sorted(self.in_several_teams.items()),
+            sorted(self.without_lease.items()),
+            sorted(self.invites_without_lease.items()),
+            sorted(self.active_not_seated.items()),
+            sorted(self.teams_failed),
+        ]
+        return hashlib.sha256(json.dumps(findings, sort_keys=True).encode()).hexdigest()
 
     def as_text(self) -> str:
         lines = []
@@ -38,6 +60,10 @@ class OrphanReport:
         for team, emails in sorted(self.without_lease.items()):
             lines.append(
                 f"team {team}: {len(emails)} member(s) without a lease: {', '.join(sorted(emails)[:MAX_LISTED])}"
+            )
+        for team, emails in sorted(self.invites_without_lease.items()):
+            lines.append(
+                f"team {team}: {len(emails)} invite(s) without a lease: {', '.join(sorted(emails)[:MAX_LISTED])}"
             )
         for team, emails in sorted(self.active_not_seated.items()):
             listed = ", ".join(sorted(emails)[:MAX_LISTED])
@@ -49,7 +75,7 @@ class OrphanReport:
 
 def orphans_check(*, alert: bool = True) -> OrphanReport:
     report = OrphanReport()
-    teams = list(Team.objects.filter(is_active=True).order_by("pk"))
+    teams = list(Team.objects.filter(is_active=True).exclude(health=TeamHealth.DEAD).order_by("pk"))
     # Where each email may legitimately be seated: its open leases' teams (and transfer targets).
     allowed: dict[str, set[int]] = defaultdict(set)
     active_by_team: dict[int, set[str]] = defaultdict(set)
@@ -67,7 +93,9 @@ def orphans_check(*, alert: bool = True) -> OrphanReport:
     seated_in: dict[str, list[Team]] = defaultdict(list)
     for team in teams:
         try:
-            members = provider_for(team).list_members()
+            provider = provider_for(team)
+            members = provider.list_members()
+            invites = provider.list_invites()
         except ProviderError as exc:
             report.teams_failed[team.name] = str(exc)[:200]
             continue
@@ -77,6 +105,11 @@ def orphans_check(*, alert: bool = True) -> OrphanReport:
             seated_in[email].append(team)
             if team.pk not in allowed.get(email, ()):
                 report.without_lease.setdefault(team.name, []).append(email)
+        # A stray invite (a withdrawal that failed, a cancel whose seat was not freed) would let
+        # someone in whom no lease accounts for.
+        for invite in invites:
+            if team.pk not in allowed.get(invite.email, ()) and invite.email not in emails:
+                report.invites_without_lease.setdefault(team.name, []).append(invite.email)
         missing = active_by_team.get(team.pk, set()) - emails
         if missing and emails:
             report.active_not_seated[team.name] = sorted(missing)
@@ -90,7 +123,14 @@ def orphans_check(*, alert: bool = True) -> OrphanReport:
     if report.problems or report.teams_failed:
         logger.warning("orphan check found problems:\n%s", report.as_text())
         if alert:
-            alert_send(title=f"orphan check: {report.problems} problem(s)", body=report.as_text())
+            alert_problem(
+                key=ORPHANS_ALERT_KEY,
+                title=_("Orphan check: %(count)d problem(s)") % {"count": report.problems},
+                body=report.as_text(),
+                fingerprint=report.fingerprint(),
+            )
     else:
         logger.info("orphan check: %d team(s), no problems", report.teams_checked)
+        if alert:
+            alert_resolved(key=ORPHANS_ALERT_KEY, title=_("Orphan check"), body=_("No problems found any more."))
     return report

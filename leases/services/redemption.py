@@ -13,8 +13,10 @@ from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
-from leases.models import NON_FINAL_STATUSES, LeaseAction, LeaseEvent, LeaseStatus, MemberLease, RedemptionCode, Team
+from leases import events
+from leases.models import NON_FINAL_STATUSES, LeaseEvent, LeaseStatus, MemberLease, RedemptionCode, Team
 from leases.selectors import team_choices
 from leases.services.invites import lease_invite
 from leases.services.transitions import LeaseError
@@ -87,6 +89,16 @@ def codes_generate(*, count: int, term_months: int, total_months: int | None = N
 
 
 CSV_HEADER = ["code", "term_months", "total_months", "batch", "created_at", "redeemed_at", "email"]
+# A cell starting with one of these is a formula to Excel/LibreOffice (CSV injection, OWASP).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: object) -> object:
+    """Defuse a text cell a spreadsheet would run as a formula (``=1+2@example.com``) by prefixing
+    a single quote; numbers and empty cells are left alone."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
 
 
 def codes_export_csv(codes: Iterable[RedemptionCode]) -> str:
@@ -96,7 +108,8 @@ def codes_export_csv(codes: Iterable[RedemptionCode]) -> str:
     writer.writerow(CSV_HEADER)
     for code in codes:
         writer.writerow(
-            [
+            csv_safe(cell)
+            for cell in [
                 code.code,
                 code.term_months,
                 code.total_months if code.total_months is not None else "",
@@ -109,17 +122,38 @@ def codes_export_csv(codes: Iterable[RedemptionCode]) -> str:
     return out.getvalue()
 
 
+ALREADY_SEATED = gettext_lazy("This email already has a seat. Check its status page, or contact support to extend it.")
+
+
 def code_redeem(*, code: str, email: str) -> MemberLease:
-    """Redeem ``code`` for ``email``: exactly one lease per code, even under a double submit.
+    """Redeem ``code`` for ``email``: exactly one lease per code, even under a double submit, and
+    one open lease per email, even when several codes are redeemed for it at the same moment.
 
     The code row is locked (PostgreSQL; SQLite's IMMEDIATE transactions serialize writers), so a
     second submission waits and then sees the code used. The same email submitting the same code
-    again gets its lease back instead of an error. The invite is sent after the commit.
+    again gets its lease back instead of an error. Two *different* codes for one email race past
+    the open-lease check; the database's unique index on the open leases' lower-cased email lets
+    exactly one insert win, the other transaction rolls back whole (its code stays unused) and
+    its customer is told the email already has a seat. The invite is sent after the commit.
     """
     email = email_normalize(email)
     canonical = code_normalize(code)
     if not canonical:
         raise RedemptionError(_("Enter a redemption code."))
+    try:
+        lease, created = _redeem_in_transaction(canonical=canonical, email=email)
+    except IntegrityError:
+        if MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).exists():
+            raise RedemptionError(str(ALREADY_SEATED)) from None
+        raise
+    if created:
+        lease_invite(lease_id=lease.pk)
+        lease.refresh_from_db()
+    return lease
+
+
+def _redeem_in_transaction(*, canonical: str, email: str) -> tuple[MemberLease, bool]:
+    """The lease and whether this call created it (a double submit gets the existing one)."""
     now = timezone.now()
     with transaction.atomic():
         try:
@@ -129,12 +163,10 @@ def code_redeem(*, code: str, email: str) -> MemberLease:
         if redemption.redeemed_at is not None:
             lease = redemption.lease
             if lease is not None and lease.email == email:
-                return lease  # a double submit by the same customer
+                return lease, False  # a double submit by the same customer
             raise CodeAlreadyUsedError(_("This code has already been used."))
         if MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).exists():
-            raise RedemptionError(
-                _("This email already has a seat. Check its status page, or contact support to extend it.")
-            )
+            raise RedemptionError(str(ALREADY_SEATED))
         # Lock every active team (in one order) while counting seats, so two redemptions never take
         # the same last seat.
         list(Team.objects.filter(is_active=True).order_by("pk").select_for_update().values_list("pk", flat=True))
@@ -155,16 +187,14 @@ def code_redeem(*, code: str, email: str) -> MemberLease:
         )
         if claimed != 1:
             raise CodeAlreadyUsedError(_("This code has already been used."))
+        # Creation is not a transition (there is no "from"): the redemption event opens the history.
         LeaseEvent.objects.create(
             lease=lease,
-            action=LeaseAction.REDEEMED,
             to_status=LeaseStatus.PENDING,
             created_at=now,
-            detail={"code": redemption.code, "team": team.name, "term_months": redemption.term_months},
+            **events.redeemed(code=redemption.code, team=team, term_months=redemption.term_months),
         )
-    lease_invite(lease_id=lease.pk)
-    lease.refresh_from_db()
-    return lease
+    return lease, True
 
 
 redeem = code_redeem  # the name operators and DESIGN use

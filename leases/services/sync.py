@@ -14,18 +14,22 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
-from leases.models import LeaseAction, LeaseStatus, MemberLease, Team
-from leases.providers import ProviderError, ProviderMember, provider_for
+from leases import events
+from leases.models import LeaseAction, LeaseStatus, MemberLease, Team, TeamHealth
+from leases.providers import ProviderError, ProviderMember, TeamDeadError, provider_for
+from leases.services.health import team_record_listing_ok, team_record_provider_error
 from leases.services.invites import lease_invite
 from leases.services.transitions import leases_transition
 from leases.timeutils import add_months
 from leasesite.locks import lock_acquire, lock_release
-from leasesite.notify import alert_send
+from leasesite.notify import alert_problem, alert_resolved
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +79,40 @@ def team_sync_joins(*, team: Team, email: str | None = None) -> TeamSyncResult:
     return result
 
 
-def _give_up(team: Team, result: TeamSyncResult, *, calls: int, error: str, title: str, body: str) -> None:
-    """A sync that must not change anything: record why on the team and alert."""
+def sync_alert_key(team_id: int) -> str:
+    return f"leases:team:{team_id}:sync"
+
+
+def _give_up(team: Team, result: TeamSyncResult, *, calls: int, error: str, body: str, alert: bool = True) -> None:
+    """A sync that must not change anything: record why on the team and alert (once, while it
+    keeps failing)."""
     result.provider_calls = calls
     result.ok, result.error = False, error
     _record_team_seen(team, members=None, invites=None, error=error)
-    alert_send(title=title, body=body)
+    if not alert:
+        return
+    alert_problem(
+        key=sync_alert_key(team.pk),
+        title=_("Join sync failing for team %(team)s") % {"team": team.name},
+        body=body,
+    )
 
 
 def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
-    provider = provider_for(team)
+    provider = None
     try:
+        provider = provider_for(team)
         members = provider.list_members()
         invites = provider.list_invites()
     except ProviderError as exc:
+        team_record_provider_error(team=team, error=exc, during="listing")
         _give_up(
             team,
             result,
-            calls=provider.calls,
+            calls=provider.calls if provider is not None else 0,
             error=f"listing failed: {exc}",
-            title=f"join sync failed for team {team.name}",
-            body=f"{exc}. No lease was changed; the next sync tries again.",
+            body=_("%(error)s. No lease was changed; the next sync tries again.") % {"error": exc},
+            alert=not isinstance(exc, TeamDeadError),  # the team's health alert says it already
         )
         return
     result.members, result.invites = len(members), len(invites)
@@ -103,7 +120,9 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
     leases = MemberLease.objects.filter(team=team, status__in=(LeaseStatus.PENDING, LeaseStatus.ACTIVE))
     if email:
         leases = leases.filter(email__iexact=email)
-    leases = list(leases.only("pk", "email", "status", "invited_at", "missed_syncs", "provider_member_id"))
+    leases = list(
+        leases.only("pk", "email", "status", "created_at", "invited_at", "missed_syncs", "provider_member_id")
+    )
 
     if not members and any(lease.status == LeaseStatus.ACTIVE for lease in leases):
         seated = MemberLease.objects.filter(team=team, status=LeaseStatus.ACTIVE).count()
@@ -112,8 +131,8 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
             result,
             calls=provider.calls,
             error=f"suspicious listing: no members, but {seated} active lease(s)",
-            title=f"join sync: team {team.name} lists no members",
-            body=f"The provider listed 0 members while {seated} lease(s) are active there. Nothing was changed.",
+            body=_("The provider listed 0 members while %(count)d lease(s) are active there. Nothing was changed.")
+            % {"count": seated},
         )
         return
 
@@ -126,50 +145,25 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
         lease.pk: member_by_email[lease.email.lower()] for lease in pending if lease.email.lower() in member_by_email
     }
     if joined:
+        result.joined = _activate(team, joined)
 
-        def activation(lease: MemberLease) -> dict:
-            member = joined[lease.pk]
-            joined_at = member.joined_at or timezone.now()
-            expires_at = add_months(joined_at, lease.term_months)
-            changes = {
-                "joined_at": joined_at,
-                "expires_at": expires_at,
-                "provider_member_id": member.id,
-                "missed_syncs": 0,
-                "attempts": 0,
-                "last_error": "",
-            }
-            if lease.ends_at is None and lease.total_months:
-                changes["ends_at"] = add_months(joined_at, lease.total_months)
-            return changes
-
-        done = leases_transition(
-            lease_ids=joined,
-            to_status=LeaseStatus.ACTIVE,
-            action=LeaseAction.JOINED,
-            expect_from=[LeaseStatus.PENDING],
-            changes=activation,
-            detail=lambda lease: {
-                "team": team.name,
-                "member_id": joined[lease.pk].id,
-                "joined_at": lease.joined_at.isoformat(),
-                "expires_at": lease.expires_at.isoformat(),
-            },
-        )
-        result.joined = len(done.changed)
-
-    # Active leases whose member id we have not learnt yet (imported ones): one batched update.
-    to_learn = [
-        lease
+    # Active leases whose member id we have not learnt yet (imported ones): one batched step.
+    to_learn = {
+        lease.pk: member_by_email[lease.email.lower()].id
         for lease in leases
         if lease.status == LeaseStatus.ACTIVE
         and not lease.provider_member_id
         and lease.email.lower() in member_by_email
-    ]
-    for lease in to_learn:
-        lease.provider_member_id = member_by_email[lease.email.lower()].id
+    }
     if to_learn:
-        MemberLease.objects.bulk_update(to_learn, ["provider_member_id"], batch_size=500)
+        leases_transition(
+            lease_ids=to_learn,
+            action=LeaseAction.MEMBER_SEEN,
+            expect_from=[LeaseStatus.ACTIVE],
+            unclaimed=True,
+            changes=lambda lease: {"provider_member_id": to_learn[lease.pk]},
+            detail=lambda lease: events.member_seen(team=team, member_id=to_learn[lease.pk])["detail"],
+        )
 
     still_pending = [lease for lease in pending if lease.pk not in joined]
     never_invited = [lease.pk for lease in still_pending if lease.invited_at is None]
@@ -178,33 +172,84 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
         lease for lease in still_pending if lease.email.lower() not in invited_emails and lease.invited_at is not None
     ]
     result.missing = len(missing)
+    # The sync's own counters (not workflow: no event per sync), only while still pending.
+    still = MemberLease.objects.filter(status=LeaseStatus.PENDING, team=team)
     if seen_invited:
-        MemberLease.objects.filter(pk__in=seen_invited).update(missed_syncs=0)
+        still.filter(pk__in=seen_invited).update(missed_syncs=0)
     if missing:
-        MemberLease.objects.filter(pk__in=[lease.pk for lease in missing]).update(missed_syncs=F("missed_syncs") + 1)
+        still.filter(pk__in=[lease.pk for lease in missing]).update(missed_syncs=F("missed_syncs") + 1)
 
     threshold = settings.LEASE_REINVITE_AFTER_MISSED_SYNCS
     for lease in missing:
         if lease.missed_syncs + 1 >= threshold and lease_invite(
-            lease_id=lease.pk,
-            action=LeaseAction.REINVITED,
-            detail={"reason": f"neither a member nor invited for {lease.missed_syncs + 1} syncs"},
+            lease_id=lease.pk, reinvite_after_missed=lease.missed_syncs + 1
         ):
             result.reinvited += 1
     for lease_id in never_invited:
         # The invite at redemption (or transfer) failed: try again now.
-        if lease_invite(lease_id=lease_id, detail={"reason": "not invited yet"}):
+        if lease_invite(lease_id=lease_id, reason="not invited yet"):
             result.invited += 1
 
     result.provider_calls = provider.calls
     _record_team_seen(team, members=len(members), invites=len(invites), error="")
+    team_record_listing_ok(team=team)
+    alert_resolved(
+        key=sync_alert_key(team.pk),
+        title=_("Join sync failing for team %(team)s") % {"team": team.name},
+        body=_("The last sync of team %(team)s worked.") % {"team": team.name},
+    )
+
+
+def term_start(*, provider_joined_at: datetime | None, lease: MemberLease, now: datetime) -> datetime:
+    """When a lease's term starts: the member's join time, but never before our own invite (or
+    the redemption, if the invite time is unknown), and never in the future."""
+    floor = lease.invited_at or lease.created_at
+    joined = provider_joined_at or now
+    return min(max(joined, floor), now)
+
+
+def _activate(team: Team, joined: dict[int, ProviderMember]) -> int:
+    """pending → active for the leases whose member appeared, in one batched transition."""
+    now = timezone.now()
+
+    def activation(lease: MemberLease) -> dict:
+        member = joined[lease.pk]
+        joined_at = term_start(provider_joined_at=member.joined_at, lease=lease, now=now)
+        changes = {
+            "joined_at": joined_at,
+            "expires_at": add_months(joined_at, lease.term_months),
+            "provider_member_id": member.id,
+            "missed_syncs": 0,
+            "attempts": 0,
+            "last_error": "",
+        }
+        if lease.ends_at is None and lease.total_months:
+            changes["ends_at"] = add_months(joined_at, lease.total_months)
+        return changes
+
+    done = leases_transition(
+        lease_ids=joined,
+        to_status=LeaseStatus.ACTIVE,
+        action=events.joined(team=team, member_id="", joined_at=now, expires_at=now, provider_joined_at=None)["action"],
+        expect_from=[LeaseStatus.PENDING],
+        unclaimed=True,
+        changes=activation,
+        detail=lambda lease: events.joined(
+            team=team,
+            member_id=joined[lease.pk].id,
+            joined_at=lease.joined_at,
+            expires_at=lease.expires_at,
+            provider_joined_at=joined[lease.pk].joined_at,
+        )["detail"],
+    )
+    return len(done.changed)
 
 
 def joins_sync(
     *, team_id: int | None = None, team_name: str | None = None, email: str | None = None
 ) -> list[TeamSyncResult]:
     """Sync every active team (or the one named, or the team(s) holding ``email``'s open lease)."""
-    teams = Team.objects.filter(is_active=True).order_by("pk")
+    teams = Team.objects.filter(is_active=True).exclude(health=TeamHealth.DEAD).order_by("pk")
     if team_id is not None:
         teams = Team.objects.filter(pk=team_id)
     if team_name is not None:

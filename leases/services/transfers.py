@@ -1,59 +1,97 @@
 """The transfer executor: move leases whose term is over to the next team, or end them.
 
-Claim → call → record, never a row lock across an HTTP call:
+Claim → call → record, never a row lock across an HTTP call, and one writer:
 
 1. **Claim** due leases (``select_for_update(skip_locked=True)`` on PostgreSQL, a conditional
-   UPDATE per lease on SQLite) by writing ``claimed_until``/``claimed_by``: two workers never take
-   the same lease, and a crashed worker's claim lapses after ``LEASE_CLAIM_TTL``.
+   UPDATE per lease on SQLite) by writing ``claimed_until``/``claimed_by``. A heartbeat thread
+   renews the claims of the batch while it is worked on, and every write re-checks the claim
+   (``claim=owner`` in the transition function): a lease whose claim lapsed (the process stalled
+   longer than ``LEASE_CLAIM_TTL``) is ``StaleLease`` and left to whoever holds it now.
 2. **Start**: ``active → transferring`` with the target team chosen under the team locks (event
    ``transfer_started``). If the entitlement is over (``ends_at`` passed) there is no target.
+   Open leases of a **dead** team start the same way (``evacuation``), ``pending`` ones included.
 3. **Invite** into the target team, then record ``transfer_step = invited`` (event ``invited``).
-   A resumed transfer with that step never invites again.
-4. **Remove** from the old team (404 is done), then in one transaction the ``left_old_team`` event
-   and ``transferring → pending`` on the new team (event ``transferred``) — or ``→ expired``.
+   A resumed transfer with that step never invites again. A target that died meanwhile is
+   replaced (event ``target_chosen``).
+4. **Remove** from the old team (404 is done; a dead team is skipped and recorded), then in one
+   transaction the ``left_old_team`` event and ``transferring → pending`` on the new team (event
+   ``transferred``) — or ``→ expired``.
 
-Transient failures (provider 429/5xx/timeouts, no free seat) schedule a retry with exponential
-backoff and jitter in ``next_attempt_at``; after ``LEASE_TRANSFER_MAX_ATTEMPTS`` failed attempts,
-or on a permanent provider error, the lease goes ``failed`` and people are alerted.
+Before each provider call the lease is re-read: a claim lost stops the work on it; an operator's
+cancel request is honoured (the lease is cancelled and the seats it holds freed). Transient
+failures (provider 429/5xx/timeouts, no free seat) schedule a retry with exponential backoff and
+jitter in ``next_attempt_at``; after ``LEASE_TRANSFER_MAX_ATTEMPTS`` failed attempts, or on a
+permanent provider error, the lease goes ``failed`` — with the invite to the next team withdrawn
+(checking that the member did not accept it meanwhile) and where the member really is recorded —
+and people are alerted once. One lease's trouble never aborts the run.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from queue import Empty, SimpleQueue
+from typing import TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
-from leases.models import LeaseAction, LeaseStatus, MemberLease, Team, TransferStep
-from leases.providers import ProviderError, provider_for
+from leases import events
+from leases.models import LeaseStatus, MemberLease, Team, TransferStep
+from leases.providers import ProviderError, TeamDeadError, provider_for
 from leases.selectors import leases_due_for_transfer, team_choices
-from leases.services.invites import seat_free
-from leases.services.transitions import IllegalTransitionError, lease_event_record, lease_transition
+from leases.services.cancellation import lease_cancel_claimed
+from leases.services.health import team_record_provider_error
+from leases.services.invites import seat_free, seat_whereabouts
+from leases.services.transitions import (
+    UNCLAIMED,
+    IllegalTransitionError,
+    LeaseError,
+    StaleLease,
+    claim_deadline,
+    lease_step,
+    lease_transition,
+    leases_claim_renew,
+    leases_release,
+)
 from leasesite.notify import alert_send
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-
-# Written when a lease's step is recorded: the worker's claim on it ends with the step.
-UNCLAIMED = {"claimed_until": None, "claimed_by": ""}
+__all__ = ["UNCLAIMED", "TransferOutcome", "TransferRunResult", "lease_transfer", "transfers_run"]
 
 
 class NoTargetTeamError(Exception):
     """No team has a free seat for this lease right now (transient: seats free up)."""
 
 
+class CancelRequested(Exception):  # noqa: N818 - control flow: an operator asked to cancel
+    """An operator asked to cancel the lease while this worker held it."""
+
+
+class TeamCallError(ProviderError):
+    """A provider error with the team and the step it happened in, in words for the operator."""
+
+    def __init__(self, team: Team, step: str, error: ProviderError) -> None:
+        super().__init__(f"{step} at team {team.name} failed: {error}", status=error.status)
+        self.team = team
+        self.transient = error.transient
+
+
 @dataclass
 class TransferOutcome:
     lease_id: int
     email: str
-    outcome: str  # transferred | expired | retry | failed | skipped | would_transfer | would_expire
+    outcome: str  # transferred | expired | retry | failed | cancelled | skipped | stale | would_*
     detail: str = ""
 
 
@@ -66,7 +104,17 @@ class TransferRunResult:
         return sum(1 for o in self.outcomes if o.outcome == outcome)
 
     def summary(self) -> dict[str, int]:
-        keys = ("transferred", "expired", "retry", "failed", "skipped", "would_transfer", "would_expire")
+        keys = (
+            "transferred",
+            "expired",
+            "retry",
+            "failed",
+            "cancelled",
+            "skipped",
+            "stale",
+            "would_transfer",
+            "would_expire",
+        )
         return {"claimed": self.claimed, **{k: self.count(k) for k in keys if self.count(k)}}
 
 
@@ -83,14 +131,14 @@ def leases_claim_due(
     *, owner: str, batch_size: int, email: str | None = None, now: datetime | None = None
 ) -> list[int]:
     now = now or timezone.now()
-    until = now + timedelta(seconds=settings.LEASE_CLAIM_TTL)
+    until = claim_deadline(now)
     due = leases_due_for_transfer(now=now)
     if email:
         due = due.filter(email__iexact=email)
     due = due.order_by("expires_at", "pk")
     if connection.features.has_select_for_update_skip_locked:
         with transaction.atomic():
-            ids = list(due.select_for_update(skip_locked=True).values_list("pk", flat=True)[:batch_size])
+            ids = list(due.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True)[:batch_size])
             if ids:
                 MemberLease.objects.filter(pk__in=ids).update(claimed_until=until, claimed_by=owner)
         return ids
@@ -102,20 +150,53 @@ def leases_claim_due(
     return claimed
 
 
-def leases_release(*, lease_ids: list[int], owner: str) -> None:
-    MemberLease.objects.filter(pk__in=lease_ids, claimed_by=owner).update(**UNCLAIMED)
+class ClaimKeeper:
+    """Renews ``owner``'s claims on a batch every third of ``LEASE_CLAIM_TTL`` while it is worked
+    on, so a slow batch is never taken over by a second worker."""
+
+    def __init__(self, *, owner: str, lease_ids: list[int]) -> None:
+        self.owner = owner
+        self.lease_ids = lease_ids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"claims-{owner}", daemon=True)
+
+    def __enter__(self) -> ClaimKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        interval = max(1.0, settings.LEASE_CLAIM_TTL / 3)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    leases_claim_renew(lease_ids=self.lease_ids, owner=self.owner)
+                except DatabaseError:
+                    logger.warning("could not renew transfer claims of %s", self.owner)
+                    close_old_connections()
+        finally:
+            connection.close()
 
 
 # -- choosing the next team ---------------------------------------------------------------------------
-def _lock_teams() -> None:
-    """Lock every active team row, always in primary-key order (no deadlocks)."""
-    list(Team.objects.filter(is_active=True).order_by("pk").select_for_update().values_list("pk", flat=True))
+def _lock_teams(pool: str) -> None:
+    """Lock the pool's active team rows, always in primary-key order (no deadlocks)."""
+    list(Team.objects.filter(is_active=True, pool=pool).order_by("pk").select_for_update().values_list("pk", flat=True))
 
 
 def _choose_target(lease: MemberLease, now: datetime) -> Team:
-    choices = team_choices(term_months=lease.term_months, email=lease.email, exclude_team_ids=(lease.team_id,), now=now)
+    choices = team_choices(
+        term_months=lease.term_months,
+        email=lease.email,
+        exclude_team_ids=(lease.team_id,),
+        pool=lease.team.pool,
+        now=now,
+    )
     if not choices:
-        raise NoTargetTeamError("no other active team has a free seat")
+        raise NoTargetTeamError(_("no other team of pool %(pool)s has a free seat") % {"pool": lease.team.pool})
     return choices[0].team
 
 
@@ -123,32 +204,54 @@ def _entitlement_over(lease: MemberLease, now: datetime) -> bool:
     return lease.ends_at is not None and lease.ends_at <= now
 
 
+def _load(lease_id: int) -> MemberLease:
+    return MemberLease.objects.select_related("team", "transfer_team").get(pk=lease_id)
+
+
+def _checkpoint(lease_id: int, owner: str) -> MemberLease:
+    """Re-read the lease before a provider call: still ours? an operator's cancel waiting?"""
+    lease = _load(lease_id)
+    if lease.claimed_by != owner or lease.claimed_until is None or lease.claimed_until < timezone.now():
+        raise StaleLease(lease, "claim lost")
+    if lease.cancel_requested_at is not None:
+        raise CancelRequested()
+    return lease
+
+
 # -- one lease ------------------------------------------------------------------------------------------
-def lease_transfer(*, lease_id: int, now: datetime | None = None, actor_id: int | None = None) -> TransferOutcome:
-    """Advance one (claimed) lease as far as it goes; see the module docstring."""
+def lease_transfer(*, lease_id: int, owner: str, now: datetime | None = None) -> TransferOutcome:
+    """Advance one lease claimed by ``owner`` as far as it goes; see the module docstring. Never
+    raises for one lease's trouble: the outcome says what happened."""
     now = now or timezone.now()
-    lease = MemberLease.objects.select_related("team", "transfer_team").get(pk=lease_id)
+    lease = _load(lease_id)
     try:
-        if lease.status == LeaseStatus.ACTIVE:
-            lease = lease_transfer_start(lease=lease, now=now, actor_id=actor_id)
+        lease = _checkpoint(lease_id, owner)
+        if lease.status in (LeaseStatus.ACTIVE, LeaseStatus.PENDING):
+            lease = lease_transfer_start(lease=lease, now=now, owner=owner)
         if lease.status != LeaseStatus.TRANSFERRING:
             return TransferOutcome(lease.pk, lease.email, "skipped", f"lease is {lease.status}")
-        return _advance(lease, now)
+        return _advance(lease, now, owner)
+    except CancelRequested:
+        return _honour_cancel(lease_id, owner)
+    except StaleLease as exc:
+        return TransferOutcome(lease.pk, lease.email, "stale", exc.reason)
     except IllegalTransitionError as exc:
         return TransferOutcome(lease.pk, lease.email, "skipped", str(exc))
     except (ProviderError, NoTargetTeamError) as exc:
-        return _record_failure(lease_id, exc, now)
+        return _record_failure(lease_id, exc, now, owner)
 
 
 def lease_transfer_start(
-    *, lease: MemberLease, now: datetime, actor_id: int | None = None, forced: bool = False
+    *, lease: MemberLease, now: datetime, owner: str, actor_id: int | None = None, forced: bool = False
 ) -> MemberLease:
-    """active → transferring, with the target team chosen under the team locks."""
+    """active (or, evacuating a dead team, pending) → transferring, with the target team chosen
+    under the pool's team locks."""
     ending = _entitlement_over(lease, now)
+    evacuation = lease.team.is_dead
     with transaction.atomic():
         target = None
         if not ending:
-            _lock_teams()
+            _lock_teams(lease.team.pool)
             try:
                 target = _choose_target(lease, now)
             except NoTargetTeamError:
@@ -156,67 +259,116 @@ def lease_transfer_start(
         lease, _changed = lease_transition(
             lease_id=lease.pk,
             to_status=LeaseStatus.TRANSFERRING,
-            action=LeaseAction.TRANSFER_STARTED,
             actor_id=actor_id,
+            claim=owner,
+            expect_from=[LeaseStatus.ACTIVE, LeaseStatus.PENDING] if evacuation else [LeaseStatus.ACTIVE],
             changes={
                 "transfer_team": target,
                 "transfer_step": TransferStep.NONE,
                 "next_attempt_at": None,
                 "attempts": 0,
             },
-            detail={
-                "from_team": lease.team.name,
-                "to_team": target.name if target else None,
-                "term_expired_at": lease.expires_at.isoformat() if lease.expires_at else None,
-                "entitlement_over": ending,
-                **({"forced": True} if forced else {}),
-            },
+            **events.transfer_started(
+                from_team=lease.team,
+                to_team=target,
+                term_expired_at=lease.expires_at,
+                entitlement_over=ending,
+                forced=forced,
+                evacuation=evacuation,
+            ),
         )
-    return MemberLease.objects.select_related("team", "transfer_team").get(pk=lease.pk)
+    return _load(lease.pk)
 
 
-def _advance(lease: MemberLease, now: datetime) -> TransferOutcome:
-    ending = _entitlement_over(lease, now)
-    if not ending and lease.transfer_team_id is None:
-        with transaction.atomic():
-            _lock_teams()
-            target = _choose_target(lease, now)
-            lease_event_record(
-                lease_id=lease.pk,
-                action=LeaseAction.NOTE,
-                detail={"to_team": target.name, "note": "target team chosen"},
-                transfer_team=target,
-            )
-        lease = MemberLease.objects.select_related("team", "transfer_team").get(pk=lease.pk)
-
-    if not ending and lease.transfer_step == TransferStep.NONE:
-        provider_for(lease.transfer_team).invite(lease.email)
-        lease_event_record(
-            lease_id=lease.pk,
-            action=LeaseAction.INVITED,
-            detail={"team": lease.transfer_team.name, "transfer": True},
-            transfer_step=TransferStep.INVITED,
-        )
-
-    removed = seat_free(team=lease.team, email=lease.email, member_id=lease.provider_member_id)
-    left_detail = {"team": lease.team.name, **removed}
+def _ensure_target(lease: MemberLease, now: datetime, owner: str) -> MemberLease:
+    """A transfer without a target, or whose target died or left service, gets a (new) one."""
+    target = lease.transfer_team
+    if target is not None and target.is_active and not target.is_dead:
+        return lease
+    if target is not None and lease.transfer_step == TransferStep.INVITED:
+        # The invite sent to the old target is withdrawn where possible (a dead team cannot be
+        # reached; the orphan check lists stray invites).
+        _withdraw_invite(lease, target)
     with transaction.atomic():
-        lease_event_record(lease_id=lease.pk, action=LeaseAction.LEFT_OLD_TEAM, detail=left_detail)
+        _lock_teams(lease.team.pool)
+        new_target = _choose_target(lease, now)
+        lease_step(
+            lease_id=lease.pk,
+            claim=owner,
+            changes={"transfer_team": new_target, "transfer_step": TransferStep.NONE},
+            **events.target_chosen(
+                to_team=new_target,
+                previous=target,
+                reason="" if target is None else "the previous target can no longer take members",
+            ),
+        )
+    return _load(lease.pk)
+
+
+def _call(team: Team, step: str, call: Callable[[], T]) -> T:
+    """Call ``team``'s provider: what the error says about the team is recorded (401/403/402 mark
+    it dead), and the error names the team and the step."""
+    try:
+        return call()
+    except ProviderError as exc:
+        team_record_provider_error(team=team, error=exc, during=step)
+        raise TeamCallError(team, step, exc) from exc
+
+
+def _team_died(exc: TeamCallError) -> bool:
+    return isinstance(exc.__cause__, TeamDeadError)
+
+
+def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
+    ending = _entitlement_over(lease, now)
+    if not ending:
+        lease = _ensure_target(lease, now, owner)
+        if lease.transfer_step == TransferStep.NONE:
+            lease = _checkpoint(lease.pk, owner)
+            target = lease.transfer_team
+            email = lease.email
+            _call(target, "invite", lambda: provider_for(target).invite(email))
+            lease = lease_step(
+                lease_id=lease.pk,
+                claim=owner,
+                changes={"transfer_step": TransferStep.INVITED},
+                **events.invited(team=target, transfer=True),
+            )
+            lease = _load(lease.pk)
+
+    lease = _checkpoint(lease.pk, owner)
+    old_team = lease.team
+    if old_team.is_dead:
+        left = events.left_old_team(team=old_team, skipped="team is dead: the removal was skipped")
+    else:
+        email, member_id = lease.email, lease.provider_member_id
+        try:
+            freed = _call(old_team, "removal", lambda: seat_free(team=old_team, email=email, member_id=member_id))
+        except TeamCallError as exc:
+            if not _team_died(exc):
+                raise
+            left = events.left_old_team(
+                team=old_team, skipped=f"team is dead ({exc.__cause__}): the removal was skipped"
+            )
+        else:
+            left = events.left_old_team(team=old_team, freed=freed)
+    with transaction.atomic():
+        lease_step(lease_id=lease.pk, claim=owner, **left)
         if ending:
             lease_transition(
                 lease_id=lease.pk,
                 to_status=LeaseStatus.EXPIRED,
-                action=LeaseAction.EXPIRED,
+                claim=owner,
                 expect_from=[LeaseStatus.TRANSFERRING],
                 changes={**UNCLAIMED, "next_attempt_at": None, "last_error": ""},
-                detail={"ends_at": lease.ends_at.isoformat(), "team": lease.team.name},
+                **events.expired(ends_at=lease.ends_at, team=old_team),
             )
-            return TransferOutcome(lease.pk, lease.email, "expired", lease.team.name)
+            return TransferOutcome(lease.pk, lease.email, "expired", old_team.name)
         new_team = lease.transfer_team
         lease_transition(
             lease_id=lease.pk,
             to_status=LeaseStatus.PENDING,
-            action=LeaseAction.TRANSFERRED,
+            claim=owner,
             expect_from=[LeaseStatus.TRANSFERRING],
             changes={
                 "team": new_team,
@@ -230,68 +382,118 @@ def _advance(lease: MemberLease, now: datetime) -> TransferOutcome:
                 "last_error": "",
                 **UNCLAIMED,
             },
-            detail={"from_team": lease.team.name, "to_team": new_team.name},
+            **events.transferred(from_team=old_team, to_team=new_team),
         )
-    return TransferOutcome(lease.pk, lease.email, "transferred", f"{lease.team.name} -> {new_team.name}")
+    return TransferOutcome(lease.pk, lease.email, "transferred", f"{old_team.name} -> {new_team.name}")
 
 
-def _record_failure(lease_id: int, exc: Exception, now: datetime) -> TransferOutcome:
-    lease = MemberLease.objects.select_related("team", "transfer_team").get(pk=lease_id)
-    message = str(exc)[:500] or type(exc).__name__
-    attempts = lease.attempts + 1
-    permanent = isinstance(exc, ProviderError) and not exc.transient
+def _withdraw_invite(lease: MemberLease, target: Team) -> dict:
+    """Withdraw the invite to ``target`` — and if the member had already accepted it, remove them
+    from ``target`` (a 404 to the withdrawal alone does not mean they are not there)."""
+    if target.is_dead:
+        return {"invite_withdrawn": False, "withdraw_error": f"team {target.name} is dead"}
+    try:
+        freed = seat_free(team=target, email=lease.email)
+    except ProviderError as exc:
+        team_record_provider_error(team=target, error=exc, during="invite withdrawal")
+        return {"invite_withdrawn": False, "withdraw_error": f"{target.name}: {str(exc)[:200]}"}
+    return {"invite_withdrawn": True, "removed_from_target": bool(freed.get("member_id"))}
+
+
+def _record_failure(lease_id: int, exc: Exception, now: datetime, owner: str) -> TransferOutcome:
+    lease = _load(lease_id)
+    message = (str(exc) or type(exc).__name__)[:500]
+    failed_team = exc.team if isinstance(exc, TeamCallError) else None
     if lease.status != LeaseStatus.TRANSFERRING:
         return TransferOutcome(lease.pk, lease.email, "skipped", message)
-    if permanent or attempts >= settings.LEASE_TRANSFER_MAX_ATTEMPTS:
-        dangling = _cancel_dangling_invite(lease)
-        lease_transition(
+    attempts = lease.attempts + 1
+    # A target that died under us is replaced by the next attempt, at once.
+    dead_target = isinstance(exc, TeamCallError) and _team_died(exc)
+    permanent = isinstance(exc, ProviderError) and not exc.transient and not dead_target
+    try:
+        if permanent or attempts >= settings.LEASE_TRANSFER_MAX_ATTEMPTS:
+            return _give_up(lease, message, attempts, permanent, failed_team, owner)
+        next_attempt_at = now if dead_target else now + timedelta(seconds=transfer_backoff_seconds(attempts))
+        lease_step(
             lease_id=lease.pk,
-            to_status=LeaseStatus.FAILED,
-            action=LeaseAction.TRANSFER_FAILED,
-            expect_from=[LeaseStatus.TRANSFERRING],
-            changes={
-                "attempts": attempts,
-                "last_error": message,
-                "next_attempt_at": None,
-                **UNCLAIMED,
-            },
-            detail={"error": message, "attempts": attempts, "permanent": permanent, **dangling},
+            claim=owner,
+            changes={"attempts": attempts, "last_error": message, "next_attempt_at": next_attempt_at, **UNCLAIMED},
+            **events.transfer_retry(error=message, attempt=attempts, next_attempt_at=next_attempt_at, team=failed_team),
         )
-        alert_send(
-            title=f"lease transfer failed: {lease.email}",
-            body=(
-                f"Lease {lease.pk} ({lease.email}, team {lease.team.name}) failed after {attempts} attempt(s): "
-                f"{message}. It needs an operator (admin: retry, reset or cancel)."
-            ),
-            level="error",
-        )
-        return TransferOutcome(lease.pk, lease.email, "failed", message)
-    next_attempt_at = now + timedelta(seconds=transfer_backoff_seconds(attempts))
-    lease_event_record(
-        lease_id=lease.pk,
-        action=LeaseAction.TRANSFER_RETRY,
-        detail={"error": message, "attempt": attempts, "next_attempt_at": next_attempt_at.isoformat()},
-        attempts=attempts,
-        last_error=message,
-        next_attempt_at=next_attempt_at,
-        **UNCLAIMED,
-    )
+    except StaleLease as stale:
+        return TransferOutcome(lease.pk, lease.email, "stale", stale.reason)
     return TransferOutcome(lease.pk, lease.email, "retry", message)
 
 
-def _cancel_dangling_invite(lease: MemberLease) -> dict:
-    """A transfer that gives up after inviting to the next team withdraws that invite."""
-    if lease.transfer_step != TransferStep.INVITED or lease.transfer_team is None:
-        return {}
+def _give_up(
+    lease: MemberLease, message: str, attempts: int, permanent: bool, failed_team: Team | None, owner: str
+) -> TransferOutcome:
+    """transferring → failed: withdraw the invite to the next team (checking the members), record
+    where the member really is, alert once."""
+    withdrawal = {}
+    if lease.transfer_team is not None and lease.transfer_step == TransferStep.INVITED:
+        withdrawal = _withdraw_invite(lease, lease.transfer_team)
+    teams = [lease.team] + ([lease.transfer_team] if lease.transfer_team else [])
+    whereabouts = {**withdrawal, **seat_whereabouts(teams=teams, email=lease.email)}
+    seen = ", ".join(whereabouts["member_of"]) or _("no team")
+    if whereabouts.get("whereabouts_unknown"):
+        seen += _(" (could not check: %(teams)s)") % {"teams": ", ".join(whereabouts["whereabouts_unknown"])}
+    last_error = _("%(error)s — member of: %(teams)s") % {"error": message, "teams": seen}
+    lease_transition(
+        lease_id=lease.pk,
+        to_status=LeaseStatus.FAILED,
+        claim=owner,
+        expect_from=[LeaseStatus.TRANSFERRING],
+        changes={"attempts": attempts, "last_error": last_error[:1000], "next_attempt_at": None, **UNCLAIMED},
+        **events.transfer_failed(
+            error=message, attempts=attempts, permanent=permanent, failed_team=failed_team, whereabouts=whereabouts
+        ),
+    )
+    alert_send(
+        title=_("Lease transfer failed: %(email)s") % {"email": lease.email},
+        body=_(
+            "Lease %(id)s (%(email)s, team %(team)s) failed after %(attempts)d attempt(s): %(error)s. "
+            "Member of: %(teams)s. It needs an operator (admin: retry, reset or cancel)."
+        )
+        % {
+            "id": lease.pk,
+            "email": lease.email,
+            "team": lease.team.name,
+            "attempts": attempts,
+            "error": message,
+            "teams": seen,
+        },
+        level="error",
+        key=f"leases:lease:{lease.pk}:failed",
+    )
+    return TransferOutcome(lease.pk, lease.email, "failed", message)
+
+
+def _honour_cancel(lease_id: int, owner: str) -> TransferOutcome:
+    lease = _load(lease_id)
     try:
-        provider_for(lease.transfer_team).cancel_invite(lease.email)
-    except ProviderError as exc:
-        return {"invited_to": lease.transfer_team.name, "invite_cancelled": False, "cancel_error": str(exc)[:200]}
-    return {"invited_to": lease.transfer_team.name, "invite_cancelled": True}
+        outcome = lease_cancel_claimed(lease_id=lease_id, owner=owner, actor_id=None, reason=lease.cancel_reason)
+    except LeaseError as exc:
+        return TransferOutcome(lease.pk, lease.email, "stale", str(exc))
+    detail = _("cancelled on request") + (
+        f" ({', '.join(outcome.seats_not_freed)} not freed)" if outcome.seats_not_freed else ""
+    )
+    return TransferOutcome(lease.pk, lease.email, "cancelled", detail)
 
 
 # -- runs ---------------------------------------------------------------------------------------------
-def _transfer_in_thread(pending: SimpleQueue[int], now: datetime) -> list[TransferOutcome]:
+def _transfer_one(lease_id: int, now: datetime, owner: str) -> TransferOutcome:
+    """One lease, whatever happens to it: a database error on one lease is its outcome, not the
+    run's end."""
+    try:
+        return lease_transfer(lease_id=lease_id, owner=owner, now=now)
+    except DatabaseError as exc:
+        logger.exception("transfer of lease %s hit a database error", lease_id)
+        close_old_connections()
+        return TransferOutcome(lease_id, "", "skipped", f"database error: {type(exc).__name__}")
+
+
+def _transfer_in_thread(pending: SimpleQueue[int], now: datetime, owner: str) -> list[TransferOutcome]:
     """One pool thread: move leases from ``pending`` until none is left, on one database
     connection closed at the end (a new connection per lease costs PostgreSQL a fresh backend
     each time, which doubled its CPU per transfer)."""
@@ -302,7 +504,7 @@ def _transfer_in_thread(pending: SimpleQueue[int], now: datetime) -> list[Transf
                 lease_id = pending.get_nowait()
             except Empty:
                 return outcomes
-            outcomes.append(lease_transfer(lease_id=lease_id, now=now))
+            outcomes.append(_transfer_one(lease_id, now, owner))
             close_old_connections()  # a broken connection is not reused for the next lease
     finally:
         connection.close()
@@ -323,24 +525,37 @@ def transfers_run(
         if not ids:
             break
         result.claimed += len(ids)
+        threaded = concurrency > 1 and len(ids) > 1 and not connection.in_atomic_block
         try:
-            if concurrency > 1 and len(ids) > 1 and not connection.in_atomic_block:
-                pending: SimpleQueue[int] = SimpleQueue()
-                for pk in ids:
-                    pending.put(pk)
-                threads = min(concurrency, len(ids))
-                with ThreadPoolExecutor(max_workers=threads) as pool:
-                    done = pool.map(_transfer_in_thread, [pending] * threads, [moment] * threads)
-                    position = {pk: index for index, pk in enumerate(ids)}
-                    outcomes = sorted((o for chunk in done for o in chunk), key=lambda o: position[o.lease_id])
-            else:
-                outcomes = [lease_transfer(lease_id=pk, now=moment) for pk in ids]
+            with ClaimKeeper(owner=owner, lease_ids=ids) if threaded else _no_keeper():
+                if threaded:
+                    pending: SimpleQueue[int] = SimpleQueue()
+                    for pk in ids:
+                        pending.put(pk)
+                    threads = min(concurrency, len(ids))
+                    with ThreadPoolExecutor(max_workers=threads) as pool:
+                        done = pool.map(_transfer_in_thread, [pending] * threads, [moment] * threads, [owner] * threads)
+                        position = {pk: index for index, pk in enumerate(ids)}
+                        outcomes = sorted((o for chunk in done for o in chunk), key=lambda o: position[o.lease_id])
+                else:
+                    outcomes = [_transfer_one(pk, moment, owner) for pk in ids]
         finally:
             leases_release(lease_ids=ids, owner=owner)
         result.outcomes.extend(outcomes)
         for outcome in outcomes:
             logger.info("transfer lease=%s %s %s", outcome.lease_id, outcome.outcome, outcome.detail)
     return result
+
+
+class _no_keeper:  # noqa: N801 - a null context manager, read like ``contextlib.nullcontext``
+    """In-line runs (one lease at a time inside the caller's transaction, e.g. tests and
+    ``--email``) renew nothing: they are short, and a thread could not see uncommitted rows."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def transfers_preview(*, email: str | None = None, now: datetime | None = None) -> TransferRunResult:
@@ -358,7 +573,11 @@ def transfers_preview(*, email: str | None = None, now: datetime | None = None) 
         target = lease.transfer_team
         if target is None:
             choices = team_choices(
-                term_months=lease.term_months, email=lease.email, exclude_team_ids=(lease.team_id,), now=now
+                term_months=lease.term_months,
+                email=lease.email,
+                exclude_team_ids=(lease.team_id,),
+                pool=lease.team.pool,
+                now=now,
             )
             target = choices[0].team if choices else None
         detail = f"{lease.team.name} -> {target.name if target else '(no free seat)'}"

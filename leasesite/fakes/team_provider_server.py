@@ -3,7 +3,9 @@
 Every team lives under its own prefix: a ``Team`` with ``api_base = {url}/teams/alpha/`` talks to
 the fake team ``alpha``. The answers follow the contract: paged ``members`` and ``invites``,
 ``POST invites`` (201, or 409 when already invited or a member), ``DELETE members/{id}`` and
-``DELETE invites/{email}`` (204, or 404). Latency can be added to every answer.
+``DELETE invites/{email}`` (204, or 404). Latency can be added to every answer. A team can be
+made to fail its next calls with any status (``fail_next``; a 429 carries ``Retry-After`` when
+the error has ``retry_after``).
 
 Control endpoints for people and scripts (not part of the contract):
 ``POST /_control/teams/{name}/accept`` with ``{"email": ...}`` accepts an invite (the member
@@ -34,6 +36,7 @@ class FakeProviderState:
         self.token = token  # when set, requests must carry "Authorization: Bearer {token}"
         self.teams: dict[str, FakeTeam] = {}
         self.requests: list[tuple[str, str, str]] = []  # (team, method, path)
+        self.request_times: list[float] = []  # time.monotonic() of each contract request
         # While set, DELETE requests wait for it to clear (tests stop a transfer mid-way).
         self.hold_deletes = threading.Event()
         self.delete_arrived = threading.Event()
@@ -73,9 +76,11 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-        def _send(self, status: int, payload: object | None = None) -> None:
+        def _send(self, status: int, payload: object | None = None, headers: dict[str, str] | None = None) -> None:
             body = b"" if payload is None else json.dumps(payload, ensure_ascii=False).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if payload is not None:
                 self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -104,6 +109,7 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
             name, rest = parts[1], parts[2:]
             with state._lock:
                 state.requests.append((name, method, "/".join(rest)))
+                state.request_times.append(time.monotonic())
             body = self._body() if method == "POST" else {}
             if state.latency:
                 time.sleep(state.latency)
@@ -114,7 +120,8 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
             try:
                 team.count(f"{method} {rest[0]}")
             except ProviderError as exc:
-                self._send(exc.status or 500, {"error": str(exc)})
+                headers = {"Retry-After": f"{exc.retry_after:g}"} if exc.retry_after is not None else None
+                self._send(exc.status or 500, {"error": str(exc)}, headers)
                 return
             query = parse_qs(url.query)
             if method == "GET" and rest == ["members"]:

@@ -53,10 +53,10 @@ SKIPPED = {
     "5": "invalid email 'not-an-email'",
     "6": "unknown status 'frozen'",
     "7": "active without join_at",
-    "8": "alice@example.com already gets an open lease in team Alpha from row 1",
+    "8": "alice@example.com already gets an open lease from row 1",
     "10": "is not after join_at",
     "11": "no start_at",
-    "12": "judy@example.com already has an open lease in team Beta",
+    "12": "judy@example.com already has an open lease (lease",
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from django.utils.translation import gettext as _
 
 from leases.models import LeaseStatus, MemberLease
 from leases.providers import TransientProviderError
@@ -30,7 +31,7 @@ def test_reports_double_seats_members_without_lease_and_unseated_leases(provider
     assert "a" not in report.without_lease
     assert report.active_not_seated == {"b": [gone.email]}
     assert report.problems == 4
-    assert any("orphan check: 4 problem(s)" in r.getMessage() for r in caplog.records)
+    assert any(_("Orphan check: %(count)d problem(s)") % {"count": 4} in r.getMessage() for r in caplog.records)
     assert "stranger@example.com" in report.as_text()
 
 

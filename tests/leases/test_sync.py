@@ -7,6 +7,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from leases.models import LeaseAction, LeaseStatus, MemberLease, Team
 from leases.providers import TransientProviderError
@@ -27,7 +28,8 @@ def _pending(make_lease, team: Team, provider, n: int, *, invited: bool = True) 
 
 def test_joined_members_become_active_with_the_providers_join_time(provider, make_team, make_lease):
     team = make_team("alpha")
-    joined, waiting = make_lease(team, term_months=1, total_months=3), make_lease(team)
+    invited_at = datetime(2026, 1, 30, 2, 0, tzinfo=UTC)
+    joined, waiting = make_lease(team, term_months=1, total_months=3, invited_at=invited_at), make_lease(team)
     created = MemberLease.objects.get(pk=joined.pk).created_at
     fake = provider.state.team("alpha")
     fake.invite(waiting.email)
@@ -129,7 +131,7 @@ def test_failed_listing_changes_nothing_and_alerts(provider, make_team, make_lea
         [result] = joins_sync()
     assert not result.ok and "503" in result.error
     assert MemberLease.objects.values().get(pk=lease.pk) == before
-    assert any("join sync failed for team alpha" in r.getMessage() for r in caplog.records)
+    assert any(_("Join sync failing for team %(team)s") % {"team": "alpha"} in r.getMessage() for r in caplog.records)
     team.refresh_from_db()
     assert "503" in team.last_sync_error
 
@@ -142,7 +144,7 @@ def test_suspiciously_empty_listing_changes_nothing_and_alerts(provider, make_te
     with caplog.at_level(logging.WARNING, logger="leasesite.alerts"):
         [result] = joins_sync()
     assert not result.ok and "no members" in result.error
-    assert any("lists no members" in r.getMessage() for r in caplog.records)
+    assert any("listed 0 members" in r.getMessage() or "0 个成员" in r.getMessage() for r in caplog.records)
     pending.refresh_from_db()
     assert pending.missed_syncs == 0
     assert provider.state.team("alpha").invite_posts == []  # no re-invite storm

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from leases.models import LeaseAction, LeaseEvent, LeaseStatus, MemberLease, TransferStep
 from leases.providers import PermanentProviderError, TransientProviderError
@@ -100,7 +101,7 @@ def test_no_free_seat_retries_later_with_backoff(provider, make_team, make_lease
     assert transfers_run().summary() == {"claimed": 1, "retry": 1}
     lease.refresh_from_db()
     assert lease.status == LeaseStatus.TRANSFERRING and lease.attempts == 1
-    assert "free seat" in lease.last_error
+    assert _("no other team of pool %(pool)s has a free seat") % {"pool": "default"} in lease.last_error
     assert before + timedelta(seconds=30) <= lease.next_attempt_at <= before + timedelta(seconds=61)
     assert lease.claimed_until is None
     assert transfers_run().claimed == 0  # not before next_attempt_at
@@ -141,9 +142,10 @@ def test_transient_failures_then_failed_with_alert(provider, make_team, make_lea
     assert lease.team == old  # still seated in the old team, where it was
     assert provider.state.team("new").invite_posts == [lease.email]  # invited once over three attempts
     assert provider.state.team("new").invited_emails() == set()  # the dangling invite was withdrawn
-    assert any(f"lease transfer failed: {lease.email}" in r.getMessage() for r in caplog.records)
+    assert any(_("Lease transfer failed: %(email)s") % {"email": lease.email} in r.getMessage() for r in caplog.records)
     failed = lease.events.get(action=LeaseAction.TRANSFER_FAILED)
-    assert failed.detail["invite_cancelled"] is True
+    assert failed.detail["invite_withdrawn"] is True and failed.detail["removed_from_target"] is False
+    assert failed.detail["whereabouts_unknown"] == ["old"]  # the old team could not even be listed
     assert lease.events.filter(action=LeaseAction.TRANSFER_RETRY).count() == 2
 
 
@@ -151,10 +153,11 @@ def test_permanent_error_fails_at_once(provider, make_team, make_lease):
     old = make_team("old")
     make_team("new")
     lease = _due(make_lease, provider, old)
-    provider.state.team("new").fail_next.append(PermanentProviderError("x", status=403))
+    provider.state.team("new").fail_next.append(PermanentProviderError("x", status=400))
     assert transfers_run().summary() == {"claimed": 1, "failed": 1}
     lease.refresh_from_db()
-    assert lease.status == LeaseStatus.FAILED and lease.attempts == 1 and "403" in lease.last_error
+    assert lease.status == LeaseStatus.FAILED and lease.attempts == 1 and "400" in lease.last_error
+    assert "new" in lease.last_error and "invite" in lease.last_error  # which team, which call
 
 
 def test_member_id_unknown_is_looked_up(provider, make_team, make_lease):

@@ -19,7 +19,9 @@ from leases.models import (
 )
 from leases.services.transitions import (
     IllegalTransitionError,
-    lease_event_record,
+    StaleLease,
+    lease_claim,
+    lease_step,
     lease_transition,
     leases_transition,
 )
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.django_db
 EXPECTED_ALLOWED = {
     ("pending", "active"),
     ("pending", "cancelled"),
+    ("pending", "transferring"),  # evacuation of a dead team (DESIGN §4)
     ("active", "transferring"),
     ("active", "expired"),
     ("active", "cancelled"),
@@ -61,6 +64,8 @@ def _changes_for(to_status: str, other: Team) -> dict:
         return {"joined_at": now, "expires_at": now + timedelta(days=30)}
     if to_status == LeaseStatus.TRANSFERRING:
         return {"transfer_team": other}
+    if to_status == LeaseStatus.PENDING:
+        return {"joined_at": None, "expires_at": None}  # a pending lease has not joined (a constraint)
     return {}
 
 
@@ -152,10 +157,61 @@ def test_expect_from_narrows_the_sources(make_lease, team):
     assert MemberLease.objects.get(pk=failed.pk).status == LeaseStatus.FAILED
 
 
-def test_event_record_cannot_change_status(make_lease, team):
+def test_a_step_cannot_change_status(make_lease, team):
     lease = make_lease(team)
     with pytest.raises(ValueError, match="status"):
-        lease_event_record(lease_id=lease.pk, action=LeaseAction.NOTE, status=LeaseStatus.ACTIVE)
+        lease_step(lease_id=lease.pk, action=LeaseAction.NOTE, changes={"status": LeaseStatus.ACTIVE})
+
+
+def test_steps_are_checked_against_the_status(make_lease, team, other_team):
+    """A step a status does not list is refused like an illegal transition: nothing written."""
+    lease = make_lease(team, LeaseStatus.ACTIVE)
+    before = MemberLease.objects.values().get(pk=lease.pk)
+    with pytest.raises(IllegalTransitionError):
+        lease_step(lease_id=lease.pk, action=LeaseAction.INVITED, changes={"transfer_step": TransferStep.INVITED})
+    assert MemberLease.objects.values().get(pk=lease.pk) == before
+    moved = lease_step(lease_id=lease.pk, action=LeaseAction.NOTE, detail={"note": "checked"})
+    event = LeaseEvent.objects.filter(lease=lease).latest("id")
+    assert (event.action, event.from_status, event.to_status) == ("note", "active", "active")
+    assert moved.status == LeaseStatus.ACTIVE
+
+
+def test_a_lost_claim_makes_the_write_stale_and_changes_nothing(make_lease, team, other_team):
+    lease = make_lease(team, LeaseStatus.ACTIVE)
+    assert lease_claim(lease_id=lease.pk, owner="worker-a")
+    with pytest.raises(StaleLease, match="claimed by another worker"):
+        lease_transition(
+            lease_id=lease.pk,
+            to_status=LeaseStatus.TRANSFERRING,
+            action=LeaseAction.TRANSFER_STARTED,
+            claim="worker-b",
+            changes={"transfer_team": other_team},
+        )
+    with pytest.raises(StaleLease):
+        lease_step(lease_id=lease.pk, action=LeaseAction.NOTE, unclaimed=True)  # an operator, while a worker holds it
+    assert MemberLease.objects.get(pk=lease.pk).status == LeaseStatus.ACTIVE
+    moved, changed = lease_transition(
+        lease_id=lease.pk,
+        to_status=LeaseStatus.TRANSFERRING,
+        action=LeaseAction.TRANSFER_STARTED,
+        claim="worker-a",
+        changes={"transfer_team": other_team},
+    )
+    assert changed and moved.claimed_by == "worker-a"
+    # An expired claim is lost too, even for its owner.
+    MemberLease.objects.filter(pk=lease.pk).update(claimed_until=timezone.now() - timedelta(seconds=1))
+    with pytest.raises(StaleLease, match="expired"):
+        lease_step(lease_id=lease.pk, action=LeaseAction.TRANSFER_RETRY, claim="worker-a")
+
+
+def test_final_statuses_drop_claims_and_requests(make_lease, team):
+    lease = make_lease(team, LeaseStatus.ACTIVE)
+    assert lease_claim(lease_id=lease.pk, owner="op")
+    MemberLease.objects.filter(pk=lease.pk).update(cancel_requested_at=timezone.now())
+    moved, _ = lease_transition(
+        lease_id=lease.pk, to_status=LeaseStatus.CANCELLED, action=LeaseAction.CANCELLED, claim="op"
+    )
+    assert (moved.claimed_by, moved.claimed_until, moved.cancel_requested_at) == ("", None, None)
 
 
 def test_a_failed_save_writes_no_event(make_lease, team):
@@ -178,10 +234,33 @@ def test_active_needs_joined_and_expires(team):
     _violates(lambda: MemberLease.objects.create(email="a@x.io", team=team, term_months=1, status="active"))
 
 
-def test_one_open_lease_per_email_and_team_case_insensitive(team, make_lease):
+def test_one_open_lease_per_email_case_insensitive(team, other_team, make_lease):
     make_lease(team, email="Same@Example.com")
     _violates(lambda: MemberLease.objects.create(email="same@example.COM", team=team, term_months=1))
+    _violates(lambda: MemberLease.objects.create(email="same@example.com", team=other_team, term_months=1))
     make_lease(team, LeaseStatus.CANCELLED, email="same@example.com")  # final leases do not count
+    make_lease(other_team, LeaseStatus.EXPIRED, email="same@example.com")
+
+
+def test_a_cancel_request_only_on_open_leases(team, make_lease):
+    lease = make_lease(team, LeaseStatus.CANCELLED)
+    _violates(lambda: MemberLease.objects.filter(pk=lease.pk).update(cancel_requested_at=timezone.now()))
+
+
+def test_events_are_append_only_in_python(make_lease, team):
+    from leases.models import AppendOnlyError
+
+    lease = make_lease(team)
+    event = LeaseEvent.objects.filter(lease=lease).first()
+    event.detail = {"rewritten": True}
+    with pytest.raises(AppendOnlyError):
+        event.save()
+    with pytest.raises(AppendOnlyError):
+        event.delete()
+    with pytest.raises(AppendOnlyError):
+        LeaseEvent.objects.filter(lease=lease).update(detail={})
+    with pytest.raises(AppendOnlyError):
+        LeaseEvent.objects.filter(lease=lease).delete()
 
 
 def test_transfer_fields_only_while_transferring(team, other_team, make_lease):
