@@ -20,7 +20,7 @@ from django.utils import translation
 from django.utils.html import escape
 from django.utils.translation import gettext
 
-from leases.models import LeaseStatus, MemberLease, Team
+from leases.models import LeaseStatus, MemberLease, Team, TeamHealth
 from leases.providers import TransientProviderError, provider_for
 from leases.services.sync import joins_sync
 from leasesite.crypto import fingerprint_secret
@@ -201,6 +201,7 @@ def test_a_provider_call_needing_an_undecryptable_token_fails_clearly(lost_team)
 
     (result,) = joins_sync(team_id=team.pk)  # the sync reports it instead of crashing
     assert not result.ok and "cannot be decrypted" in result.error
+    assert Team.objects.get(pk=team.pk).health == TeamHealth.DEGRADED  # not dead: nothing is evacuated
 
 
 def test_redeem_with_an_undecryptable_team_token_creates_the_lease_and_reports_the_invite(lost_team, client, make_code):
