@@ -69,7 +69,8 @@ class TeamForm(forms.ModelForm):
     def clean_api_token(self) -> str:
         value = (self.cleaned_data.get("api_token") or "").strip()
         if not value and self.instance.pk:
-            return self.instance.api_token or ""
+            # Keep the stored token as it is, even one no configured key decrypts (falsy).
+            return "" if self.instance.api_token is None else self.instance.api_token
         return value
 
 
