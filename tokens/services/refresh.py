@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -167,21 +168,56 @@ def token_check(
         limiter.pause(backoff)
 
 
-_executor_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-_executor_size = 0
+class CheckPool:
+    """A fixed pool of **daemon** threads running checks, handing back ``Future``s.
+
+    Like ``ThreadPoolExecutor``, except that its threads never hold up the exit of the process:
+    a check can sleep inside the shared limiter for as long as the upstream's ``Retry-After``
+    (up to 300 s), and an interrupted command must still exit at once. The threads hold no
+    database connection and no lock, so ending them with the process loses nothing.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        for number in range(size):
+            threading.Thread(target=self._work, name=f"baoming-check-{number}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., object], /, **kwargs: object) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, kwargs))
+        return future
+
+    def shutdown(self) -> None:
+        for _number in range(self.size):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                result = fn(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
 
-def _get_executor() -> ThreadPoolExecutor:
-    """One bounded thread pool per process (created lazily, so after a prefork fork)."""
-    global _executor, _executor_size
-    with _executor_lock:
-        if _executor is None or _executor_size != settings.BAOMING_CONCURRENCY:
-            if _executor is not None:
-                _executor.shutdown(wait=False)
-            _executor_size = settings.BAOMING_CONCURRENCY
-            _executor = ThreadPoolExecutor(max_workers=_executor_size, thread_name_prefix="baoming-check")
-        return _executor
+_pool_lock = threading.Lock()
+_pool: CheckPool | None = None
+
+
+def _get_pool() -> CheckPool:
+    """One bounded pool per process (created lazily, so after a prefork fork)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.size != settings.BAOMING_CONCURRENCY:
+            if _pool is not None:
+                _pool.shutdown()
+            _pool = CheckPool(settings.BAOMING_CONCURRENCY)
+        return _pool
 
 
 def _load_rows(token_ids: list[int]) -> list[_TokenRow]:
@@ -248,14 +284,14 @@ class _BatchInFlight:
     def submit(self, *, client: BaomingClient, limiter: RateLimiter) -> None:
         """Queue every row's check on the process pool; undecryptable rows fail at once."""
         retries = settings.BAOMING_RATE_LIMIT_RETRIES
-        executor = _get_executor()
+        pool = _get_pool()
         for row in self.rows:
             if row.decrypt_error or not row.token:
                 self.checks[row.id] = TokenCheck(
                     row.id, CheckResult(CheckOutcome.TRANSIENT, "cannot decrypt token (encryption key missing?)"), 0
                 )
                 continue
-            future = executor.submit(
+            future = pool.submit(
                 token_check,
                 token=row.token,
                 client=client,
