@@ -36,7 +36,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from leasesite.crypto import SecretDecryptionError
+from leasesite.crypto import UndecryptableSecret
 from leasesite.locks import lock_acquire, lock_holder, lock_release, lock_renew
 from leasesite.log_filters import scrub_secrets
 from leasesite.notify import alert_problem, alert_resolved
@@ -221,28 +221,16 @@ def _get_pool() -> CheckPool:
 
 
 def _load_rows(token_ids: list[int]) -> list[_TokenRow]:
+    """The batch's tokens in its order. A token no configured key decrypts loads as an
+    ``UndecryptableSecret`` (leasesite.fields) and is flagged: it fails its check at once."""
     fields = ("id", "card_name", "user_name", "token", "last_used")
     order = {token_id: index for index, token_id in enumerate(token_ids)}
-    try:
-        loaded = [
-            _TokenRow(t.id, t.card_name, t.user_name, t.token, t.last_used)
-            for t in BaomingToken.objects.filter(id__in=token_ids).only(*fields)
-        ]
-    except SecretDecryptionError:
-        # One undecryptable row must not sink the batch: load row by row and flag the bad ones.
-        loaded = []
-        for token_id in token_ids:
-            try:
-                t = BaomingToken.objects.only(*fields).filter(id=token_id).first()
-            except SecretDecryptionError:
-                meta = BaomingToken.objects.filter(id=token_id).values("card_name", "user_name", "last_used").first()
-                if meta:
-                    loaded.append(
-                        _TokenRow(token_id, meta["card_name"], meta["user_name"], None, meta["last_used"], True)
-                    )
-                continue
-            if t is not None:
-                loaded.append(_TokenRow(t.id, t.card_name, t.user_name, t.token, t.last_used))
+    loaded = [
+        _TokenRow(
+            t.id, t.card_name, t.user_name, t.token or None, t.last_used, isinstance(t.token, UndecryptableSecret)
+        )
+        for t in BaomingToken.objects.filter(id__in=token_ids).only(*fields)
+    ]
     return sorted(loaded, key=lambda row: order.get(row.id, 0))
 
 
