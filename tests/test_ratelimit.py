@@ -240,7 +240,16 @@ def test_no_second_exceeds_the_shared_limit_on_a_loaded_host(cpu_hogs):
     busy loops compete for the CPU; the sends never put more than the limit into one second."""
     key = f"test:rl:{uuid.uuid4().hex}"
     rate = 20.0
-    limiters = [RedisRateLimiter(redis_client(), key, rate, 0.05), RedisRateLimiter(redis_client(), key, rate, 0.05)]
+    # The stamps are taken after acquire() returns, and three busy loops on this host can
+    # deschedule a thread for tens of milliseconds right there, outside the limiter's reach; an
+    # allowance of 0.2 s (the setting deployments on loaded hosts should use) covers that, so the
+    # assertion tests the limiter rather than the scheduler. The deterministic test above pins the
+    # stale-slot behaviour itself.
+    jitter = 0.2
+    limiters = [
+        RedisRateLimiter(redis_client(), key, rate, jitter),
+        RedisRateLimiter(redis_client(), key, rate, jitter),
+    ]
     stamps: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + 3.0
