@@ -74,19 +74,26 @@ class TeamForm(forms.ModelForm):
         return value
 
 
-class TeamEventInline(admin.TabularInline):
-    model = TeamEvent
+class HistoryInline(admin.TabularInline):
+    """An append-only history shown under its object: read-only, nothing added or deleted."""
+
     extra = 0
     can_delete = False
-    fields = ("created_at", "action", "from_health", "to_health", "actor", "detail")
-    readonly_fields = fields
     ordering = ("created_at", "id")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> tuple[str, ...]:
+        return tuple(self.fields)
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+
+class TeamEventInline(HistoryInline):
+    model = TeamEvent
+    fields = ("created_at", "action", "from_health", "to_health", "actor", "detail")
 
 
 @admin.register(Team)
@@ -176,19 +183,9 @@ class TeamAdmin(admin.ModelAdmin):
 
 
 # -- leases ------------------------------------------------------------------------------------------------
-class LeaseEventInline(admin.TabularInline):
+class LeaseEventInline(HistoryInline):
     model = LeaseEvent
-    extra = 0
-    can_delete = False
     fields = ("created_at", "action", "from_status", "to_status", "actor", "detail")
-    readonly_fields = fields
-    ordering = ("created_at", "id")
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
 @admin.register(MemberLease)
