@@ -188,7 +188,8 @@ def _lock_teams(pool: str) -> None:
     list(Team.objects.filter(is_active=True, pool=pool).order_by("pk").select_for_update().values_list("pk", flat=True))
 
 
-def _choose_target(lease: MemberLease, now: datetime) -> Team:
+def _best_target(lease: MemberLease, now: datetime) -> Team | None:
+    """The best other team of the lease's pool with a free seat, or None."""
     choices = team_choices(
         term_months=lease.term_months,
         email=lease.email,
@@ -196,9 +197,14 @@ def _choose_target(lease: MemberLease, now: datetime) -> Team:
         pool=lease.team.pool,
         now=now,
     )
-    if not choices:
+    return choices[0].team if choices else None
+
+
+def _choose_target(lease: MemberLease, now: datetime) -> Team:
+    target = _best_target(lease, now)
+    if target is None:
         raise NoTargetTeamError(_("no other team of pool %(pool)s has a free seat") % {"pool": lease.team.pool})
-    return choices[0].team
+    return target
 
 
 def _entitlement_over(lease: MemberLease, now: datetime) -> bool:
@@ -563,16 +569,7 @@ def transfers_preview(*, email: str | None = None, now: datetime | None = None) 
         if _entitlement_over(lease, now):
             result.outcomes.append(TransferOutcome(lease.pk, lease.email, "would_expire", lease.team.name))
             continue
-        target = lease.transfer_team
-        if target is None:
-            choices = team_choices(
-                term_months=lease.term_months,
-                email=lease.email,
-                exclude_team_ids=(lease.team_id,),
-                pool=lease.team.pool,
-                now=now,
-            )
-            target = choices[0].team if choices else None
+        target = lease.transfer_team or _best_target(lease, now)
         detail = f"{lease.team.name} -> {target.name if target else '(no free seat)'}"
         result.outcomes.append(TransferOutcome(lease.pk, lease.email, "would_transfer", detail))
     return result
