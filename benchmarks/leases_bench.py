@@ -173,6 +173,9 @@ def configure_environment(args: argparse.Namespace, log_dir: Path) -> None:
             "NOTIFY_URLS": "",
         }
     )
+    # The fake provider is local: the shared per-host limit (5/s by default) would measure the
+    # limiter, not the engine. Set LEASE_PROVIDER_RATE_LIMIT to measure with a real limit.
+    os.environ.setdefault("LEASE_PROVIDER_RATE_LIMIT", "100000")
     if args.page_size is not None:
         os.environ["LEASE_PROVIDER_PAGE_SIZE"] = str(args.page_size)
     if args.concurrency is not None:
@@ -226,8 +229,14 @@ def reset_leases(server: FakeProviderServer) -> None:
 
     with connection.cursor() as cursor:
         # Raw SQL: teams of an earlier invocation may be encrypted with another key, never load them.
-        for model in (RedemptionCode, LeaseEvent, MemberLease, Team):
-            cursor.execute(f"DELETE FROM {connection.ops.quote_name(model._meta.db_table)}")
+        # On PostgreSQL events are append-only (a trigger refuses DELETE); TRUNCATE is the
+        # benchmark's reset, not a change of history.
+        tables = [connection.ops.quote_name(m._meta.db_table) for m in (RedemptionCode, LeaseEvent, MemberLease, Team)]
+        if connection.vendor == "postgresql":
+            cursor.execute(f"TRUNCATE {', '.join(tables)}, leases_teamevent CASCADE")
+        else:
+            for table in [*tables[:3], "leases_teamevent", tables[3]]:
+                cursor.execute(f"DELETE FROM {table}")
     JobLock.objects.filter(name__startswith="leases:").delete()
     with server.state._lock:
         server.state.teams.clear()

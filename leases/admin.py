@@ -69,23 +69,31 @@ class TeamForm(forms.ModelForm):
     def clean_api_token(self) -> str:
         value = (self.cleaned_data.get("api_token") or "").strip()
         if not value and self.instance.pk:
-            return self.instance.api_token or ""
+            # Keep the stored token as it is, even one no configured key decrypts (falsy).
+            return "" if self.instance.api_token is None else self.instance.api_token
         return value
 
 
-class TeamEventInline(admin.TabularInline):
-    model = TeamEvent
+class HistoryInline(admin.TabularInline):
+    """An append-only history shown under its object: read-only, nothing added or deleted."""
+
     extra = 0
     can_delete = False
-    fields = ("created_at", "action", "from_health", "to_health", "actor", "detail")
-    readonly_fields = fields
     ordering = ("created_at", "id")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> tuple[str, ...]:
+        return tuple(self.fields)
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+
+class TeamEventInline(HistoryInline):
+    model = TeamEvent
+    fields = ("created_at", "action", "from_health", "to_health", "actor", "detail")
 
 
 @admin.register(Team)
@@ -175,19 +183,9 @@ class TeamAdmin(admin.ModelAdmin):
 
 
 # -- leases ------------------------------------------------------------------------------------------------
-class LeaseEventInline(admin.TabularInline):
+class LeaseEventInline(HistoryInline):
     model = LeaseEvent
-    extra = 0
-    can_delete = False
     fields = ("created_at", "action", "from_status", "to_status", "actor", "detail")
-    readonly_fields = fields
-    ordering = ("created_at", "id")
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
 @admin.register(MemberLease)

@@ -160,4 +160,5 @@ def note(*, text: str, **extra: Any) -> Event:
 
 
 def imported(*, source: str, **detail: Any) -> Event:
-    return _event(LeaseAction.IMPORTED, source=source, **detail)
+    """The old row's values as they were, empty ones included (what the import saw)."""
+    return {"action": LeaseAction.IMPORTED, "detail": {**detail, "source": source}}

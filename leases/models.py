@@ -286,18 +286,14 @@ class AppendOnlyQuerySet(models.QuerySet):
         raise AppendOnlyError(f"{self.model.__name__} rows are append-only")
 
 
-class LeaseEvent(models.Model):
-    """Append-only history of a lease: who did what, from which status to which.
+class AppendOnlyEvent(models.Model):
+    """A history row: when, who (a user, or nobody for the system), what (``detail``).
 
-    Append-only is enforced three times: this model refuses ``save()`` of an existing row and
+    Append-only is enforced three times: the model refuses ``save()`` of an existing row and
     ``delete()``, its queryset refuses ``update()``/``delete()``, and on PostgreSQL a trigger
     refuses UPDATE and DELETE (except the actor becoming NULL when a user is deleted).
     """
 
-    lease = models.ForeignKey(MemberLease, on_delete=models.PROTECT, related_name="events", verbose_name=_("lease"))
-    action = models.CharField(_("action"), max_length=32, choices=LeaseAction.choices)
-    from_status = models.CharField(_("from status"), max_length=16, choices=LeaseStatus.choices, blank=True)
-    to_status = models.CharField(_("to status"), max_length=16, choices=LeaseStatus.choices, blank=True)
     created_at = models.DateTimeField(_("at"), default=timezone.now, editable=False, db_index=True)
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -312,20 +308,32 @@ class LeaseEvent(models.Model):
     objects = AppendOnlyQuerySet.as_manager()
 
     class Meta:
-        verbose_name = _("lease event")
-        verbose_name_plural = _("lease events")
+        abstract = True
         ordering = ["created_at", "id"]
-
-    def __str__(self) -> str:
-        return f"{self.action} {self.from_status}->{self.to_status}"
 
     def save(self, *args: object, **kwargs: object) -> None:
         if not self._state.adding:
-            raise AppendOnlyError("lease events are append-only")
+            raise AppendOnlyError(f"{type(self).__name__} rows are append-only")
         super().save(*args, **kwargs)
 
     def delete(self, *args: object, **kwargs: object) -> tuple[int, dict[str, int]]:
-        raise AppendOnlyError("lease events are append-only")
+        raise AppendOnlyError(f"{type(self).__name__} rows are append-only")
+
+
+class LeaseEvent(AppendOnlyEvent):
+    """The history of a lease: who did what, from which status to which."""
+
+    lease = models.ForeignKey(MemberLease, on_delete=models.PROTECT, related_name="events", verbose_name=_("lease"))
+    action = models.CharField(_("action"), max_length=32, choices=LeaseAction.choices)
+    from_status = models.CharField(_("from status"), max_length=16, choices=LeaseStatus.choices, blank=True)
+    to_status = models.CharField(_("to status"), max_length=16, choices=LeaseStatus.choices, blank=True)
+
+    class Meta(AppendOnlyEvent.Meta):
+        verbose_name = _("lease event")
+        verbose_name_plural = _("lease events")
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.from_status}->{self.to_status}"
 
 
 class TeamAction(models.TextChoices):
@@ -333,38 +341,20 @@ class TeamAction(models.TextChoices):
     NOTE = "note", _("note")
 
 
-class TeamEvent(models.Model):
-    """Append-only history of a team: health changes (who or what decided, and why)."""
+class TeamEvent(AppendOnlyEvent):
+    """The history of a team: health changes (who or what decided, and why)."""
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="events", verbose_name=_("team"))
     action = models.CharField(_("action"), max_length=32, choices=TeamAction.choices)
     from_health = models.CharField(_("from"), max_length=16, choices=TeamHealth.choices, blank=True)
     to_health = models.CharField(_("to"), max_length=16, choices=TeamHealth.choices, blank=True)
-    created_at = models.DateTimeField(_("at"), default=timezone.now, editable=False, db_index=True)
-    actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        on_delete=models.SET_NULL,
-        null=True,
-        blank=True,
-        related_name="+",
-        verbose_name=_("operator"),
-    )
-    detail = models.JSONField(_("detail"), default=dict, blank=True)
 
-    objects = AppendOnlyQuerySet.as_manager()
-
-    class Meta:
+    class Meta(AppendOnlyEvent.Meta):
         verbose_name = _("team event")
         verbose_name_plural = _("team events")
-        ordering = ["created_at", "id"]
 
     def __str__(self) -> str:
         return f"{self.action} {self.from_health}->{self.to_health}"
-
-    def save(self, *args: object, **kwargs: object) -> None:
-        if not self._state.adding:
-            raise AppendOnlyError("team events are append-only")
-        super().save(*args, **kwargs)
 
 
 class RedemptionCode(models.Model):

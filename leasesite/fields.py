@@ -6,22 +6,42 @@ from typing import Any
 
 from django.db import models
 
-from leasesite.crypto import decrypt_secret, encrypt_secret, fingerprint_secret
+from leasesite.crypto import (
+    SecretDecryptionError,
+    UndecryptableSecret,
+    decrypt_secret,
+    encrypt_secret,
+    fingerprint_secret,
+)
 
 
 class EncryptedTextField(models.TextField):
     """Stores Fernet ciphertext; the attribute on the instance is the plaintext.
 
     Ciphertext is not deterministic, so this column cannot be searched: look rows up by their
-    fingerprint instead.
+    fingerprint instead. A value no configured key decrypts loads as an ``UndecryptableSecret``
+    (falsy; raises ``SecretDecryptionError`` when used as text) instead of failing the whole query,
+    and is written back as the same ciphertext. An empty column loads as "".
     """
 
-    def from_db_value(self, value: Any, expression: Any, connection: Any) -> str | None:
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> str | UndecryptableSecret | None:
         if value is None:
             return None
-        return decrypt_secret(value)
+        if value == "":
+            return ""
+        try:
+            return decrypt_secret(value)
+        except SecretDecryptionError:
+            return UndecryptableSecret(value)
+
+    def to_python(self, value: Any) -> Any:
+        if isinstance(value, UndecryptableSecret):
+            return value
+        return super().to_python(value)
 
     def get_prep_value(self, value: Any) -> str | None:
+        if isinstance(value, UndecryptableSecret):
+            return value.ciphertext  # unchanged, so the key that encrypted it can still open it
         value = super().get_prep_value(value)
         if value is None:
             return None
@@ -51,6 +71,8 @@ class FingerprintField(models.CharField):
 
     def pre_save(self, model_instance: models.Model, add: bool) -> str:
         plaintext = getattr(model_instance, self.source)
+        if isinstance(plaintext, UndecryptableSecret):
+            return getattr(model_instance, self.attname)  # cannot recompute: keep the stored one
         value = fingerprint_secret(plaintext) if plaintext else ""
         setattr(model_instance, self.attname, value)
         return value

@@ -76,13 +76,18 @@ class LeaseCollector(Collector):
         synced = GaugeMetricFamily(
             "leasesite_team_last_sync_timestamp_seconds", "Last successful join sync per team", labels=["team"]
         )
-        for team in teams_with_seat_usage(Team.objects.filter(is_active=True)):
+        health = GaugeMetricFamily(
+            "leasesite_team_health", "1 for each active team's current health", labels=["team", "pool", "health"]
+        )
+        for team in teams_with_seat_usage(Team.objects.filter(is_active=True).defer("api_token")):
             seats.add_metric([team.name, "capacity"], team.capacity)
             seats.add_metric([team.name, "used"], team_seats_used(team))
+            health.add_metric([team.name, team.pool, team.health], 1)
             if team.last_synced_at:
                 synced.add_metric([team.name], team.last_synced_at.timestamp())
         yield seats
         yield synced
+        yield health
 
 
 def metrics_render() -> bytes:

@@ -105,15 +105,20 @@ def alert_problem(*, key: str, title: str, body: str, level: str = "warning", fi
         with transaction.atomic():
             row = _state_row(key)
             started = row.filter(active=False).update(active=True, since=now, notified=False, fingerprint=fingerprint)
-            # Ongoing and unchanged: already said. Ongoing with other findings: a change to announce.
-            if not started and not row.exclude(fingerprint=fingerprint).update(fingerprint=fingerprint):
-                return False
-            # Either way at most once per de-duplication window: a problem that flaps is not
-            # announced again (and then its "resolved" is not sent either).
-            due = Q(last_sent_at__isnull=True) | Q(last_sent_at__lt=_dedup_cutoff())
-            if not row.filter(due).update(notified=True, last_sent_at=now, last_title=title[:200]):
-                logger.info("alert %r started or changed within ALERT_DEDUP_SECONDS; not re-sent", key)
-                return False
+            if not started:
+                # Ongoing and unchanged: already said. Ongoing with other findings: new
+                # information, announced whatever the de-duplication window says.
+                if not row.exclude(fingerprint=fingerprint).update(
+                    fingerprint=fingerprint, notified=True, last_sent_at=now, last_title=title[:200]
+                ):
+                    return False
+            else:
+                # A problem that starts again within the de-duplication window (it flaps) is not
+                # announced again, and then its "resolved" is not sent either.
+                due = Q(last_sent_at__isnull=True) | Q(last_sent_at__lt=_dedup_cutoff())
+                if not row.filter(due).update(notified=True, last_sent_at=now, last_title=title[:200]):
+                    logger.info("alert %r started again within ALERT_DEDUP_SECONDS; not re-sent", key)
+                    return False
     except DatabaseError:
         logger.warning("alert state unavailable; sending %r without de-duplication", key)
     return _deliver(title=title, body=body, level=level)

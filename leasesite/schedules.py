@@ -50,6 +50,12 @@ DEFAULT_SCHEDULES: list[DefaultSchedule] = [
         expire_seconds=36 * 3600,
     ),
     DefaultSchedule(
+        name="tokens: sweep refresh runs",
+        task="tokens.sweep_runs",
+        every_minutes=1,
+        expire_seconds=90,
+    ),
+    DefaultSchedule(
         name="leases: join sync",
         task="leases.sync_joins",
         every_minutes=5,

@@ -187,12 +187,30 @@ RATE_LIMIT_JITTER_ALLOWANCE = env_float("RATE_LIMIT_JITTER_ALLOWANCE", 0.05, min
 BAOMING_RATE_LIMIT_RETRIES = env_int("BAOMING_RATE_LIMIT_RETRIES", 3, minimum=0)
 # Tokens per fan-out batch task (one batch is one task on one worker).
 BAOMING_BATCH_SIZE = env_int("BAOMING_BATCH_SIZE", 200, minimum=1)
-# Circuit breaker: a run whose answers say "invalid" more than this share (with at least
-# BAOMING_BREAKER_MIN_ANSWERS answers) deletes nothing and alerts.
-BAOMING_BREAKER_THRESHOLD = env_float("BAOMING_BREAKER_THRESHOLD", 0.5, minimum=0)
-BAOMING_BREAKER_MIN_ANSWERS = env_int("BAOMING_BREAKER_MIN_ANSWERS", 20, minimum=1)
-# A refresh run's lock expires if its owner stops renewing it (crash) for this long.
+# Circuit breaker, for runs of any size: a run deletes nothing (and alerts) when more than this
+# share of its definitive answers (valid + invalid) say "invalid" and at least
+# BAOMING_BREAKER_MIN_INVALID answers do (so one dead token of one, or of three, is still deleted).
+BAOMING_BREAKER_THRESHOLD = env_float("BAOMING_BREAKER_THRESHOLD", 0.5)
+if not 0 < BAOMING_BREAKER_THRESHOLD < 1:
+    raise ImproperlyConfigured(
+        "BAOMING_BREAKER_THRESHOLD must be a share strictly between 0 and 1 (e.g. 0.5), "
+        f"got {BAOMING_BREAKER_THRESHOLD}"
+    )
+BAOMING_BREAKER_MIN_INVALID = env_int("BAOMING_BREAKER_MIN_INVALID", 2, minimum=1)
+if env_str("BAOMING_BREAKER_MIN_ANSWERS"):
+    # Its rule let small runs (and the 6-hourly subset) delete every token: refuse it loudly
+    # rather than ignore it silently.
+    raise ImproperlyConfigured(
+        "BAOMING_BREAKER_MIN_ANSWERS is no longer supported: the breaker now protects runs of any size; "
+        "remove it (BAOMING_BREAKER_MIN_INVALID sets how many invalid answers can trip it, default 2)"
+    )
+# A refresh run's lock (and a batch's claim) expires if its owner stops renewing it for this long.
 BAOMING_RUN_LOCK_TTL = env_int("BAOMING_RUN_LOCK_TTL", 600, minimum=10)
+# The run sweeper (tokens.sweep_runs, every minute) sends again the batches of a run that showed
+# no sign of life for this long, at most BAOMING_SWEEP_MAX_REDISPATCHES times each before it
+# gives the run up as abandoned (and alerts).
+BAOMING_SWEEP_GRACE_SECONDS = env_int("BAOMING_SWEEP_GRACE_SECONDS", 180, minimum=10)
+BAOMING_SWEEP_MAX_REDISPATCHES = env_int("BAOMING_SWEEP_MAX_REDISPATCHES", 3, minimum=1)
 
 # --- Seat leases (DESIGN §4-§7) -----------------------------------------------------------------
 LEASE_PROVIDER_TIMEOUT = env_float("LEASE_PROVIDER_TIMEOUT", 10.0, minimum=0, exclusive_minimum=True)

@@ -53,3 +53,4 @@ def test_metrics_export_lease_figures(client, provider, make_team, make_lease):
     assert "leasesite_leases_overdue 1.0" in body
     assert 'leasesite_team_seats{kind="capacity",team="alpha"} 7.0' in body
     assert 'leasesite_team_seats{kind="used",team="alpha"} 2.0' in body
+    assert 'leasesite_team_health{health="healthy",pool="default",team="alpha"} 1.0' in body

@@ -6,16 +6,20 @@ from datetime import timedelta
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from leasesite.crypto import fingerprint_secret
 from tokens.models import BaomingToken, RefreshRun, RunTrigger, TokenDeletion
-from tokens.selectors import tokens_last_activity
+from tokens.selectors import token_by_plaintext, tokens_last_activity
 from tokens.services.refresh import REFRESH_LOCK_NAME
 from tokens.services.tokens import TOKEN_PATTERN, tokens_delete_by_operator
 
@@ -95,9 +99,28 @@ class BaomingTokenForm(forms.ModelForm):
         return value
 
 
+class FindByTokenForm(forms.Form):
+    token = forms.CharField(
+        label=_("token"),
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off", "autofocus": True}),
+        help_text=_(
+            "Paste the full token (32 hexadecimal characters). It is sent in the body of a POST "
+            "request, never in the address, so it stays out of the web server's access logs."
+        ),
+    )
+
+    def clean_token(self) -> str:
+        value = self.cleaned_data["token"].strip().lower()
+        if not TOKEN_PATTERN.fullmatch(value):
+            raise forms.ValidationError(_("A token is 32 hexadecimal characters."))
+        return value
+
+
 @admin.register(BaomingToken)
 class BaomingTokenAdmin(admin.ModelAdmin):
     form = BaomingTokenForm
+    change_list_template = "admin/tokens/baomingtoken/change_list.html"
     list_display = (
         "card_name",
         "user_name",
@@ -115,6 +138,7 @@ class BaomingTokenAdmin(admin.ModelAdmin):
         "created_at",
         "last_used",
         "last_checked_at",
+        "last_answered_at",
         "consecutive_failures",
         "last_error",
     )
@@ -132,11 +156,55 @@ class BaomingTokenAdmin(admin.ModelAdmin):
             fields += list(self.readonly_fields)
         return fields
 
+    def get_urls(self) -> list[URLPattern]:
+        find = path(
+            "find-by-token/",
+            self.admin_site.admin_view(self.find_by_token_view),
+            name=f"{self.opts.app_label}_{self.opts.model_name}_find",
+        )
+        return [find, *super().get_urls()]
+
+    def find_by_token_view(self, request: HttpRequest) -> HttpResponse:
+        """ "按 Token 查找": the token travels in a POST body (CSRF-protected by admin_view), and
+        the answer is a redirect to the row by its id — no address ever holds the token."""
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        form = FindByTokenForm(request.POST if request.method == "POST" else None)
+        if form.is_valid():
+            found = token_by_plaintext(token=form.cleaned_data["token"])
+            if found is not None:
+                return HttpResponseRedirect(
+                    reverse(
+                        f"admin:{self.opts.app_label}_{self.opts.model_name}_change",
+                        args=[found.pk],
+                        current_app=self.admin_site.name,
+                    )
+                )
+            messages.warning(request, _("No stored token matches the one you pasted."))
+            form = FindByTokenForm()  # never render the pasted token back
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "form": form,
+            "title": _("Find by token"),
+        }
+        return TemplateResponse(request, "admin/tokens/baomingtoken/find_by_token.html", context)
+
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
-        """A full token pasted in the search box finds its row (through the fingerprint)."""
-        term = search_term.strip().lower()
-        if TOKEN_PATTERN.fullmatch(term):
-            return queryset.filter(fingerprint=fingerprint_secret(term)), False
+        """A pasted token is not searched: the search box is a GET, so the token would sit in the
+        address and in every access log on the way. Point to the POST form instead."""
+        if TOKEN_PATTERN.fullmatch(search_term.strip().lower()):
+            url = reverse(f"admin:{self.opts.app_label}_{self.opts.model_name}_find", current_app=self.admin_site.name)
+            messages.warning(
+                request,
+                format_html(
+                    '{} <a href="{}">{}</a>',
+                    _("Tokens are not searched here: the search box puts them in the address (and in server logs)."),
+                    url,
+                    _("Find by token"),
+                ),
+            )
+            return queryset.none(), False
         return super().get_search_results(request, queryset, search_term)
 
     def get_actions(self, request: HttpRequest) -> dict:

@@ -8,6 +8,7 @@ contains the plaintext token.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import time
@@ -45,6 +46,10 @@ class CheckResult:
     http_status: int | None = None
     retry_after: float | None = None
     elapsed: float = 0.0
+    # The upstream gave a real answer about the token: valid, invalid, or an HTTP 200 JSON
+    # business answer. A timeout, connection error, 5xx, 429 or garbage is no answer: it says
+    # something about the upstream (or us), nothing about the token.
+    answered: bool = False
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -78,7 +83,7 @@ def classify_response(status: int, headers: Any, body: bytes) -> CheckResult:
     if status == 429:
         return CheckResult(CheckOutcome.RATE_LIMITED, "HTTP 429", status, retry_after)
     if status == 401:
-        return CheckResult(CheckOutcome.INVALID, "HTTP 401", status)
+        return CheckResult(CheckOutcome.INVALID, "HTTP 401", status, answered=True)
     if status >= 500:
         return CheckResult(CheckOutcome.TRANSIENT, f"HTTP {status}", status)
 
@@ -93,7 +98,7 @@ def classify_response(status: int, headers: Any, body: bytes) -> CheckResult:
     sta = payload.get("sta")
     msg_text = msg if isinstance(msg, str) else ""
     if INVALID_MARKER in msg_text.lower():
-        return CheckResult(CheckOutcome.INVALID, _short(msg_text), status)
+        return CheckResult(CheckOutcome.INVALID, _short(msg_text), status, answered=True)
     if THROTTLE_MARKER in msg_text:
         return CheckResult(CheckOutcome.RATE_LIMITED, _short(msg_text), status, retry_after)
     if status != 200:
@@ -103,10 +108,11 @@ def classify_response(status: int, headers: Any, body: bytes) -> CheckResult:
     # ``sta`` must be a real integer (bool is an int subclass in Python, and not one here).
     if isinstance(sta, int) and not isinstance(sta, bool):
         if sta == 0:
-            return CheckResult(CheckOutcome.VALID, _short(msg_text) or "ok", status)
-        return CheckResult(CheckOutcome.TRANSIENT, f"sta={sta}: {_short(msg_text)}".rstrip(": "), status)
+            return CheckResult(CheckOutcome.VALID, _short(msg_text) or "ok", status, answered=True)
+        # A business answer (e.g. 报名未开始): the upstream knows the token, it did not vouch for it.
+        return CheckResult(CheckOutcome.TRANSIENT, f"sta={sta}: {_short(msg_text)}".rstrip(": "), status, answered=True)
     if sta is None and msg_text.strip().lower() == "ok":
-        return CheckResult(CheckOutcome.VALID, "ok", status)
+        return CheckResult(CheckOutcome.VALID, "ok", status, answered=True)
     return CheckResult(CheckOutcome.TRANSIENT, "unexpected answer: no integer sta", status)
 
 
@@ -182,9 +188,7 @@ class BaomingClient:
                 time.monotonic() - started,
             )
         result = classify_response(response.status_code, response.headers, body)
-        return CheckResult(
-            result.outcome, result.message, result.http_status, result.retry_after, time.monotonic() - started
-        )
+        return dataclasses.replace(result, elapsed=time.monotonic() - started)
 
     def close(self) -> None:
         self.session.close()

@@ -29,9 +29,12 @@ class RunStatus(models.TextChoices):
     TRIPPED = "tripped", _("circuit breaker tripped")
     FAILED = "failed", _("failed")
     ABANDONED = "abandoned", _("abandoned")
+    INTERRUPTED = "interrupted", _("interrupted")
+    SKIPPED = "skipped", _("skipped")
 
 
-FINAL_RUN_STATUSES = (RunStatus.SUCCEEDED, RunStatus.TRIPPED, RunStatus.FAILED, RunStatus.ABANDONED)
+LIVE_RUN_STATUSES = (RunStatus.RUNNING, RunStatus.FINALIZING)
+FINAL_RUN_STATUSES = tuple(status for status in RunStatus if status not in LIVE_RUN_STATUSES)
 
 
 class RefreshRun(models.Model):
@@ -59,6 +62,11 @@ class RefreshRun(models.Model):
     batches_total = models.PositiveIntegerField(_("batches"), default=0)
     batches_done = models.PositiveIntegerField(_("batches done"), default=0)
     breaker_tripped = models.BooleanField(_("circuit breaker tripped"), default=False)
+    # True when the batches go to Celery workers through the broker (the sweeper may send them
+    # again); False when one process works them itself (the command).
+    dispatched = models.BooleanField(_("dispatched to workers"), default=False)
+    # Last sign of life of whoever works the run: a batch claimed, renewed or recorded.
+    heartbeat_at = models.DateTimeField(_("last sign of life"), null=True, blank=True)
     lock_owner = models.CharField(_("lock owner"), max_length=64, blank=True)
     error = models.TextField(_("error"), blank=True)
 
@@ -95,6 +103,10 @@ class BaomingToken(models.Model):
     created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
     last_used = models.DateTimeField(_("last used"), null=True, blank=True)
     last_checked_at = models.DateTimeField(_("last checked at"), null=True, blank=True)
+    # When the upstream last gave a real answer about this token (valid, invalid, or a JSON
+    # business answer) — not a timeout, connection error, 5xx, 429 or garbage. Cleanup deletes
+    # only tokens the upstream had this chance to vouch for recently.
+    last_answered_at = models.DateTimeField(_("last answered at"), null=True, blank=True, editable=False)
     consecutive_failures = models.PositiveIntegerField(_("consecutive failures"), default=0)
     last_error = models.CharField(_("last error"), max_length=500, blank=True)
     # Set when a run got an "invalid" answer; the run deletes flagged tokens when it ends,
@@ -132,6 +144,7 @@ class BaomingToken(models.Model):
 
 class BatchStatus(models.TextChoices):
     PENDING = "pending", _("pending")
+    CLAIMED = "claimed", _("claimed")
     DONE = "done", _("done")
 
 
@@ -142,6 +155,13 @@ class RefreshBatch(models.Model):
     number = models.PositiveIntegerField()
     token_ids = models.JSONField(default=list)
     status = models.CharField(max_length=16, choices=BatchStatus.choices, default=BatchStatus.PENDING)
+    # A worker claims the batch before calling the upstream and renews the claim while it works;
+    # a second delivery finds it claimed and does nothing; an expired claim can be taken again.
+    claimed_by = models.CharField(max_length=64, blank=True)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    # When its message was last sent to the broker, and how many times the sweeper re-sent it.
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    redispatches = models.PositiveIntegerField(default=0)
 
     class Meta:
         verbose_name = _("refresh batch")
@@ -149,6 +169,7 @@ class RefreshBatch(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["run", "number"], name="refreshbatch_unique_number"),
         ]
+        indexes = [models.Index(fields=["run", "status"], name="refreshbatch_run_status_idx")]
 
     def __str__(self) -> str:
         return f"run {self.run_id} batch {self.number}"

@@ -106,6 +106,7 @@ def log_run_statistics(
     duration: float,
     breaker_tripped: bool,
     dry_run: bool,
+    error: str = "",
 ) -> None:
     logger.info(RULE)
     logger.info("%s统计%s", "清理" if kind == "cleanup" else "刷新", " (演练 dry-run，未修改数据)" if dry_run else "")
@@ -119,6 +120,14 @@ def log_run_statistics(
     if kind != "cleanup":
         logger.info("限流: %d", rate_limited)
     logger.info("耗时: %.2f 秒", duration)
-    if breaker_tripped:
+    if breaker_tripped and dry_run:
+        logger.warning("熔断: 无效比例过高，正式运行将不删除任何 Token (circuit breaker would trip)")
+    elif breaker_tripped:
         logger.error("熔断: 无效比例过高，本次运行未删除任何 Token (circuit breaker tripped)")
+    if error:
+        logger.warning("原因: %s", error)
     logger.info(RULE)
+
+
+def log_cleanup_skipped(*, reason: str) -> None:
+    logger.warning("清理已跳过，未删除任何 Token: %s", reason)

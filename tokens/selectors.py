@@ -8,12 +8,18 @@ from django.db.models import F, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from tokens.models import BaomingToken, RefreshRun, RunKind, RunStatus
+from leasesite.crypto import fingerprint_secret
+from tokens.models import LIVE_RUN_STATUSES, BaomingToken, RefreshRun, RunKind, RunStatus
 
 
 def tokens_last_activity() -> Coalesce:
     """When a token was last known good: ``last_used``, or ``created_at`` if never used."""
     return Coalesce("last_used", "created_at")
+
+
+def token_by_plaintext(*, token: str) -> BaomingToken | None:
+    """The stored row of a plaintext token, found through its fingerprint (never decrypting all)."""
+    return BaomingToken.objects.filter(fingerprint=fingerprint_secret(token)).first()
 
 
 def tokens_for_refresh(*, max_age_days: int | None = None) -> QuerySet[BaomingToken]:
@@ -26,9 +32,31 @@ def tokens_for_refresh(*, max_age_days: int | None = None) -> QuerySet[BaomingTo
 
 
 def tokens_stale(*, days: int) -> QuerySet[BaomingToken]:
-    """Tokens whose last activity is older than ``days`` days."""
+    """Tokens cleanup may delete: last activity older than ``days`` days, **and** the upstream gave
+    a real answer about them within those days (``last_answered_at``) without vouching for them.
+
+    A token the upstream could not be asked about (outage, timeouts) is never stale: our failure
+    to reach the upstream is no evidence against it.
+    """
     cutoff = timezone.now() - timedelta(days=days)
-    return BaomingToken.objects.alias(activity=tokens_last_activity()).filter(activity__lt=cutoff)
+    return BaomingToken.objects.alias(activity=tokens_last_activity()).filter(
+        activity__lt=cutoff, last_answered_at__gte=cutoff
+    )
+
+
+def refresh_run_latest_evidence() -> RefreshRun | None:
+    """The latest finished (non-dry) refresh run that tells how the upstream is doing.
+
+    A run that succeeded with nothing to check (an empty ``--max-age-days`` subset) says nothing
+    about the upstream, so it does not hide the failed run before it.
+    """
+    return (
+        RefreshRun.objects.filter(kind=RunKind.REFRESH, dry_run=False)
+        .exclude(status__in=LIVE_RUN_STATUSES)
+        .exclude(status=RunStatus.SUCCEEDED, total=0)
+        .order_by("-started_at", "-id")
+        .first()
+    )
 
 
 def runs_latest_finished(*, kind: str = RunKind.REFRESH) -> RefreshRun | None:

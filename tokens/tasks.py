@@ -7,12 +7,31 @@ import logging
 import redis
 from celery import shared_task
 from django.db import OperationalError
+from django.utils.translation import gettext as _
 
+from leasesite.notify import alert_send
 from tokens.models import RunTrigger
 from tokens.services.cleanup import token_cleanup_run
 from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_batch, token_refresh_start
+from tokens.services.runs import InvalidRunArguments
+from tokens.services.sweeper import refresh_runs_sweep
 
 logger = logging.getLogger(__name__)
+
+
+def _refuse(task_name: str, exc: InvalidRunArguments) -> None:
+    """A schedule whose kwargs were edited into nonsense: say so (once an hour), do nothing."""
+    logger.error("%s not run: %s", task_name, exc)
+    alert_send(
+        title=_("%(task)s not run: bad arguments") % {"task": task_name},
+        body=_("%(error)s. Fix the schedule's kwargs in the admin (Periodic tasks).") % {"error": exc},
+        level="error",
+        key=f"tokens:bad-arguments:{task_name}",
+    )
+
+
+def _dispatch_batch(batch_id: int) -> None:
+    refresh_batch.delay(batch_id)
 
 
 @shared_task(name="tokens.refresh_tokens", ignore_result=True)
@@ -24,13 +43,13 @@ def refresh_tokens(
     """Start a refresh run and fan its batches out to the workers. Returns the run id."""
     try:
         run = token_refresh_start(
-            trigger=trigger,
-            max_age_days=max_age_days,
-            token_ids=token_ids,
-            dispatch=lambda batch_id: refresh_batch.delay(batch_id),
+            trigger=trigger, max_age_days=max_age_days, token_ids=token_ids, dispatch=_dispatch_batch
         )
     except RefreshAlreadyRunning as exc:
         logger.warning("refresh run skipped: %s", exc)
+        return None
+    except InvalidRunArguments as exc:
+        _refuse("tokens.refresh_tokens", exc)
         return None
     return run.pk
 
@@ -44,11 +63,21 @@ def refresh_tokens(
     max_retries=10,
 )
 def refresh_batch(batch_id: int) -> bool:
-    """Check one batch of a run; a done batch or a closed run is a no-op (safe to redeliver)."""
+    """Check one batch of a run; a done or claimed batch, or a closed run, is a no-op (safe to redeliver)."""
     return token_refresh_batch(batch_id=batch_id)
 
 
 @shared_task(name="tokens.cleanup_tokens", ignore_result=True)
-def cleanup_tokens(days: int = 30, trigger: str = RunTrigger.BEAT) -> int:
-    """Delete tokens unused for ``days`` days. Returns the run id."""
-    return token_cleanup_run(days=days, trigger=trigger).pk
+def cleanup_tokens(days: int = 30, trigger: str = RunTrigger.BEAT) -> int | None:
+    """Delete tokens unused for ``days`` days (see ``tokens_stale``). Returns the run id."""
+    try:
+        return token_cleanup_run(days=days, trigger=trigger).pk
+    except InvalidRunArguments as exc:
+        _refuse("tokens.cleanup_tokens", exc)
+        return None
+
+
+@shared_task(name="tokens.sweep_runs", ignore_result=True)
+def sweep_runs() -> None:
+    """Re-send lost batches of live refresh runs; close runs nobody works any more."""
+    refresh_runs_sweep(dispatch=_dispatch_batch)

@@ -19,6 +19,7 @@ from leases.providers.base import (
     TeamProvider,
     TransientProviderError,
 )
+from leasesite.crypto import UndecryptableSecret
 
 if TYPE_CHECKING:
     from leases.models import Team
@@ -26,10 +27,30 @@ if TYPE_CHECKING:
 PROVIDER_CHOICES = [("http", "http"), ("memory", "memory")]
 
 
+class _UndecryptableTokenProvider:
+    """A team whose API token no configured key decrypts: every call fails like a provider error,
+    transient because the team is fine and the key configuration is not (put the key back)."""
+
+    calls = 0
+
+    def __init__(self, team_name: str) -> None:
+        self._message = (
+            f"team {team_name!r}: its API token cannot be decrypted with any key in TOKEN_ENCRYPTION_KEYS "
+            "(was the key that encrypted it removed?)"
+        )
+
+    def _fail(self, *args: object) -> None:
+        raise TransientProviderError(self._message)
+
+    list_members = list_invites = invite = remove_member = cancel_invite = _fail
+
+
 def provider_for(team: Team) -> TeamProvider:
     if team.provider == "http":
         from leases.providers.http import HttpTeamProvider
 
+        if isinstance(team.api_token, UndecryptableSecret):
+            return _UndecryptableTokenProvider(team.name)
         return HttpTeamProvider(api_base=team.api_base, api_token=team.api_token or "")
     if team.provider == "memory":
         from leases.providers.memory import memory_provider

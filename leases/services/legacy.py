@@ -28,7 +28,8 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from leases.models import NON_FINAL_STATUSES, LeaseAction, LeaseEvent, LeaseStatus, MemberLease, Team
+from leases import events
+from leases.models import NON_FINAL_STATUSES, LeaseEvent, LeaseStatus, MemberLease, Team
 from leases.selectors import teams_with_seat_usage
 from leases.services.transitions import LeaseError
 from leases.timeutils import add_months
@@ -430,11 +431,10 @@ def _write(candidates: list[_Candidate], *, now: datetime, source: str) -> None:
         [
             LeaseEvent(
                 lease=lease,
-                action=LeaseAction.IMPORTED,
                 from_status="",
                 to_status=lease.status,
                 created_at=now,
-                detail={**candidate.detail, "source": source},
+                **events.imported(source=source, **candidate.detail),
             )
             for lease, candidate in zip(leases, candidates, strict=True)
         ],

@@ -23,7 +23,7 @@ from django.utils.translation import gettext as _
 
 from leases import events
 from leases.models import LeaseAction, LeaseStatus, MemberLease, Team, TeamHealth
-from leases.providers import ProviderError, ProviderMember, provider_for
+from leases.providers import ProviderError, ProviderMember, TeamDeadError, provider_for
 from leases.services.health import team_record_listing_ok, team_record_provider_error
 from leases.services.invites import lease_invite
 from leases.services.transitions import leases_transition
@@ -83,12 +83,14 @@ def sync_alert_key(team_id: int) -> str:
     return f"leases:team:{team_id}:sync"
 
 
-def _give_up(team: Team, result: TeamSyncResult, *, calls: int, error: str, body: str) -> None:
+def _give_up(team: Team, result: TeamSyncResult, *, calls: int, error: str, body: str, alert: bool = True) -> None:
     """A sync that must not change anything: record why on the team and alert (once, while it
     keeps failing)."""
     result.provider_calls = calls
     result.ok, result.error = False, error
     _record_team_seen(team, members=None, invites=None, error=error)
+    if not alert:
+        return
     alert_problem(
         key=sync_alert_key(team.pk),
         title=_("Join sync failing for team %(team)s") % {"team": team.name},
@@ -110,6 +112,7 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
             calls=provider.calls if provider is not None else 0,
             error=f"listing failed: {exc}",
             body=_("%(error)s. No lease was changed; the next sync tries again.") % {"error": exc},
+            alert=not isinstance(exc, TeamDeadError),  # the team's health alert says it already
         )
         return
     result.members, result.invites = len(members), len(invites)

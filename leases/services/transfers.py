@@ -28,6 +28,7 @@ and people are alerted once. One lease's trouble never aborts the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -187,7 +188,8 @@ def _lock_teams(pool: str) -> None:
     list(Team.objects.filter(is_active=True, pool=pool).order_by("pk").select_for_update().values_list("pk", flat=True))
 
 
-def _choose_target(lease: MemberLease, now: datetime) -> Team:
+def _best_target(lease: MemberLease, now: datetime) -> Team | None:
+    """The best other team of the lease's pool with a free seat, or None."""
     choices = team_choices(
         term_months=lease.term_months,
         email=lease.email,
@@ -195,9 +197,14 @@ def _choose_target(lease: MemberLease, now: datetime) -> Team:
         pool=lease.team.pool,
         now=now,
     )
-    if not choices:
+    return choices[0].team if choices else None
+
+
+def _choose_target(lease: MemberLease, now: datetime) -> Team:
+    target = _best_target(lease, now)
+    if target is None:
         raise NoTargetTeamError(_("no other team of pool %(pool)s has a free seat") % {"pool": lease.team.pool})
-    return choices[0].team
+    return target
 
 
 def _entitlement_over(lease: MemberLease, now: datetime) -> bool:
@@ -525,12 +532,12 @@ def transfers_run(
         if not ids:
             break
         result.claimed += len(ids)
-        # Inside the caller's transaction a keeper thread could not see the claims (uncommitted);
-        # everywhere else they are renewed, in-line batches too (one slow lease outlives a TTL).
-        renewable = not connection.in_atomic_block
-        threaded = concurrency > 1 and len(ids) > 1 and renewable
+        # Threads (the pool's, the claim keeper's) have their own connections: they cannot see
+        # rows of a caller's open transaction, so inside one everything runs in line.
+        own_transaction = not connection.in_atomic_block
+        threaded = concurrency > 1 and len(ids) > 1 and own_transaction
         try:
-            with ClaimKeeper(owner=owner, lease_ids=ids) if renewable else _no_keeper():
+            with ClaimKeeper(owner=owner, lease_ids=ids) if own_transaction else contextlib.nullcontext():
                 if threaded:
                     pending: SimpleQueue[int] = SimpleQueue()
                     for pk in ids:
@@ -550,17 +557,6 @@ def transfers_run(
     return result
 
 
-class _no_keeper:  # noqa: N801 - a null context manager, read like ``contextlib.nullcontext``
-    """Runs inside the caller's transaction (tests) renew nothing: a thread could not see the
-    uncommitted claims."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def transfers_preview(*, email: str | None = None, now: datetime | None = None) -> TransferRunResult:
     """What a run would do now (``--dry-run``): no claims, no provider calls, no writes."""
     now = now or timezone.now()
@@ -573,16 +569,7 @@ def transfers_preview(*, email: str | None = None, now: datetime | None = None) 
         if _entitlement_over(lease, now):
             result.outcomes.append(TransferOutcome(lease.pk, lease.email, "would_expire", lease.team.name))
             continue
-        target = lease.transfer_team
-        if target is None:
-            choices = team_choices(
-                term_months=lease.term_months,
-                email=lease.email,
-                exclude_team_ids=(lease.team_id,),
-                pool=lease.team.pool,
-                now=now,
-            )
-            target = choices[0].team if choices else None
+        target = lease.transfer_team or _best_target(lease, now)
         detail = f"{lease.team.name} -> {target.name if target else '(no free seat)'}"
         result.outcomes.append(TransferOutcome(lease.pk, lease.email, "would_transfer", detail))
     return result

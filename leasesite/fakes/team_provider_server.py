@@ -36,6 +36,7 @@ class FakeProviderState:
         self.token = token  # when set, requests must carry "Authorization: Bearer {token}"
         self.teams: dict[str, FakeTeam] = {}
         self.requests: list[tuple[str, str, str]] = []  # (team, method, path)
+        self.request_times: list[float] = []  # time.monotonic() of each contract request
         # While set, DELETE requests wait for it to clear (tests stop a transfer mid-way).
         self.hold_deletes = threading.Event()
         self.delete_arrived = threading.Event()
@@ -111,6 +112,7 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
             name, rest = parts[1], parts[2:]
             with state._lock:
                 state.requests.append((name, method, "/".join(rest)))
+                state.request_times.append(time.monotonic())
             body = self._body() if method == "POST" else {}
             if state.latency:
                 time.sleep(state.latency)

@@ -45,7 +45,7 @@ def test_cleanup_task_runs_on_a_worker(make_token, start_workers):
 
     from django.utils import timezone
 
-    make_token(created_at=timezone.now() - timedelta(days=45))
+    make_token(created_at=timezone.now() - timedelta(days=45), last_answered_at=timezone.now() - timedelta(days=1))
     make_token()
     start_workers(1)
 
@@ -55,3 +55,29 @@ def test_cleanup_task_runs_on_a_worker(make_token, start_workers):
     run = wait_for_run(RunKind.CLEANUP)
     assert (run.status, run.deleted) == (RunStatus.SUCCEEDED, 1)
     assert BaomingToken.objects.count() == 1
+
+
+def test_sweeper_dispatches_again_the_batches_whose_messages_were_lost(upstream, make_token, start_workers, settings):
+    """A run whose batch messages never reached the broker (Redis restarted, say) completes once
+    the sweeper sends them again to a real worker; every token is checked exactly once."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tokens.models import RefreshBatch
+    from tokens.services.refresh import token_refresh_start
+    from tokens.tasks import sweep_runs
+
+    tokens = [make_token() for _ in range(5)]
+    upstream.answers[tokens[0].token] = invalid
+    run = token_refresh_start(trigger="beat", batch_size=2, dispatch=lambda batch_id: None)
+    long_ago = timezone.now() - timedelta(seconds=settings.BAOMING_SWEEP_GRACE_SECONDS + 60)
+    RefreshRun.objects.filter(pk=run.pk).update(heartbeat_at=long_ago)
+    RefreshBatch.objects.filter(run=run).update(dispatched_at=long_ago)
+    start_workers(1)
+
+    sweep_runs()  # in this process, as beat would have it run: sends the batches to the broker
+    run = wait_for_run(RunKind.REFRESH)
+
+    assert (run.status, run.total, run.ok, run.deleted) == (RunStatus.SUCCEEDED, 5, 4, 1)
+    assert sorted(upstream.calls_for(t.token) for t in tokens) == [1] * 5

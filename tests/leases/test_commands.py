@@ -186,6 +186,33 @@ def test_generate_codes_refuses_a_zero_count():
     assert not RedemptionCode.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # a term larger than the column (PositiveSmallIntegerField) holds: DataError on PostgreSQL
+        (["--count", "1", "--term-months", "40000"], "argument --term-months: must be at most 1200, got 40000"),
+        (["--count", "1", "--term-months", "1", "--total-months", "99999"], "--total-months: must be at most 1200"),
+        (["--count", "1", "--term-months", "9" * 40], "--term-months: must be at most 1200, got a 40-digit number"),
+        (["--count", "1", "--term-months", "1", "--total-months", "9" * 400], "--total-months: must be at most 1200"),
+        (["--count", "10001", "--term-months", "1"], "argument --count: must be at most 10000, got 10001"),
+        (["--count", "9" * 31, "--term-months", "1"], "--count: must be at most 10000, got a 31-digit number"),
+        # the batch label is a CharField(max_length=100)
+        (["--count", "1", "--term-months", "1", "--batch", "x" * 101], "--batch: at most 100 characters, got 101"),
+    ],
+)
+def test_generate_codes_refuses_out_of_range_input_precisely(args, message):
+    with pytest.raises(CommandError) as raised:
+        run("generate_codes", *args)
+    assert message in str(raised.value)
+    assert "Traceback" not in str(raised.value)
+    assert not RedemptionCode.objects.exists()
+
+
+def test_generate_codes_accepts_the_largest_allowed_values():
+    run("generate_codes", "--count", "2", "--term-months", "1200", "--total-months", "1200", "--batch", "y" * 100)
+    assert set(RedemptionCode.objects.values_list("term_months", "total_months", "batch")) == {(1200, 1200, "y" * 100)}
+
+
 # -- add_team -------------------------------------------------------------------------------------------
 def _raw_token(name: str) -> str:
     with connection.cursor() as cursor:

@@ -234,26 +234,12 @@ def test_active_needs_joined_and_expires(team):
     _violates(lambda: MemberLease.objects.create(email="a@x.io", team=team, term_months=1, status="active"))
 
 
-def test_one_open_lease_per_email_in_any_team_case_insensitive(team, other_team, make_lease):
+def test_one_open_lease_per_email_case_insensitive(team, other_team, make_lease):
     make_lease(team, email="Same@Example.com")
     _violates(lambda: MemberLease.objects.create(email="same@example.COM", team=team, term_months=1))
     _violates(lambda: MemberLease.objects.create(email="same@example.com", team=other_team, term_months=1))
     make_lease(team, LeaseStatus.CANCELLED, email="same@example.com")  # final leases do not count
     make_lease(other_team, LeaseStatus.EXPIRED, email="same@example.com")
-
-
-def test_pending_has_not_joined(team):
-    now = timezone.now()
-    _violates(
-        lambda: MemberLease.objects.create(
-            email="p@x.io", team=team, term_months=1, joined_at=now, expires_at=now + timedelta(days=30)
-        )
-    )
-
-
-def test_entitlement_covers_the_term(team):
-    _violates(lambda: MemberLease.objects.create(email="t@x.io", team=team, term_months=3, total_months=2))
-    MemberLease.objects.create(email="t@x.io", team=team, term_months=3, total_months=3)
 
 
 def test_a_cancel_request_only_on_open_leases(team, make_lease):
@@ -275,24 +261,6 @@ def test_events_are_append_only_in_python(make_lease, team):
         LeaseEvent.objects.filter(lease=lease).update(detail={})
     with pytest.raises(AppendOnlyError):
         LeaseEvent.objects.filter(lease=lease).delete()
-
-
-def test_events_are_append_only_in_the_database(make_lease, team, django_user_model):
-    """Raw SQL past the ORM: PostgreSQL's trigger refuses UPDATE and DELETE of history, except the
-    actor becoming NULL when that user is deleted."""
-    from django.db import connection
-
-    if connection.vendor != "postgresql":
-        pytest.skip("the append-only trigger is PostgreSQL's")
-    user = django_user_model.objects.create_user("op", password="pw-op-123456")
-    lease = make_lease(team)
-    LeaseEvent.objects.create(lease=lease, action=LeaseAction.NOTE, actor=user, detail={"note": "x"})
-    table = LeaseEvent._meta.db_table
-    for statement in (f"UPDATE {table} SET detail = '{{}}'", f"DELETE FROM {table}"):
-        with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(statement)
-    user.delete()  # SET_NULL on the events' actor is the one change allowed
-    assert LeaseEvent.objects.filter(lease=lease, actor__isnull=True).count() == 2
 
 
 def test_transfer_fields_only_while_transferring(team, other_team, make_lease):

@@ -13,12 +13,18 @@ from tokens.services.cleanup import token_cleanup_run
 pytestmark = pytest.mark.django_db
 
 
+def answered_yesterday() -> object:
+    """The upstream gave a real answer about the token recently (without vouching for it):
+    only such tokens are cleanup's to delete (see test_cleanup_evidence.py)."""
+    return timezone.now() - timedelta(days=1)
+
+
 def test_deletes_tokens_unused_for_n_days_with_audit(make_token):
     now = timezone.now()
     fresh = make_token(last_used=now - timedelta(days=3))
     new = make_token()
-    stale_used = make_token(last_used=now - timedelta(days=31))
-    stale_never_used = make_token(created_at=now - timedelta(days=40))
+    stale_used = make_token(last_used=now - timedelta(days=31), last_answered_at=answered_yesterday())
+    stale_never_used = make_token(created_at=now - timedelta(days=40), last_answered_at=answered_yesterday())
     recent_created_old_use = make_token(created_at=now - timedelta(days=40), last_used=now - timedelta(days=1))
 
     run = token_cleanup_run(days=30, trigger="command")
@@ -43,7 +49,7 @@ def test_cleanup_in_batches(make_token, monkeypatch):
     monkeypatch.setattr(deletion, "DELETE_CHUNK_SIZE", 3)
     old = timezone.now() - timedelta(days=100)
     for _ in range(8):
-        make_token(created_at=old)
+        make_token(created_at=old, last_answered_at=answered_yesterday())
     with CaptureQueriesContext(connection) as queries:
         run = token_cleanup_run(days=30, trigger="beat")
     assert run.deleted == 8 and not BaomingToken.objects.exists()
@@ -53,14 +59,14 @@ def test_cleanup_in_batches(make_token, monkeypatch):
 
 
 def test_dry_run_deletes_nothing(make_token):
-    make_token(created_at=timezone.now() - timedelta(days=100))
+    make_token(created_at=timezone.now() - timedelta(days=100), last_answered_at=answered_yesterday())
     run = token_cleanup_run(days=30, trigger="command", dry_run=True)
     assert run.deleted == 1 and run.dry_run
     assert BaomingToken.objects.count() == 1 and not TokenDeletion.objects.exists()
 
 
 def test_days_must_be_positive():
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="between 1 and 36500"):
         token_cleanup_run(days=0, trigger="command")
 
 
@@ -74,7 +80,7 @@ def test_two_cleanups_at_once_audit_each_token_once(make_token, monkeypatch):
 
     monkeypatch.setattr(deletion, "DELETE_CHUNK_SIZE", 5)
     old = timezone.now() - timedelta(days=100)
-    ids = {make_token(created_at=old).pk for _ in range(40)}
+    ids = {make_token(created_at=old, last_answered_at=answered_yesterday()).pk for _ in range(40)}
     barrier = threading.Barrier(2)
     runs = []
 

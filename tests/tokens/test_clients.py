@@ -144,3 +144,30 @@ def test_parse_retry_after_http_date():
 
     seconds = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
     assert 25 <= seconds <= 31
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "answered"),
+    [
+        (200, b'{"sta": 0, "msg": "ok"}', True),
+        (200, b'{"sta": -1, "msg": "invalid access_token"}', True),
+        (401, b"", True),
+        (200, '{"sta": -1, "msg": "报名未开始"}'.encode(), True),  # a business answer
+        (200, '{"sta": -1, "msg": "请求过于频繁，请稍后重试"}'.encode(), False),
+        (429, b"", False),
+        (502, b"bad gateway", False),
+        (200, b"<html>maintenance</html>", False),
+        (200, b'{"sta": "0"}', False),
+        (404, b'{"sta": -1, "msg": "not found"}', False),
+    ],
+)
+def test_whether_the_upstream_really_answered_about_the_token(status, body, answered):
+    assert classify_response(status, {}, body).answered is answered
+
+
+def test_a_timeout_is_no_answer(upstream, client):
+    def slow() -> Response:
+        time.sleep(1.0)
+        return ok()
+
+    assert check(upstream, client, slow).answered is False

@@ -66,7 +66,8 @@ def test_refresh_command_refuses_while_another_run_holds_the_lock(upstream, make
 def test_max_age_days_and_cleanup_days(upstream, make_token, capsys):
     now = timezone.now()
     recent = make_token(last_used=now - timedelta(days=1))
-    make_token(last_used=now - timedelta(days=60))
+    # Unused for 60 days, and the upstream answered about it lately (an earlier full run).
+    make_token(last_used=now - timedelta(days=60), last_answered_at=now - timedelta(days=1))
     call_command("refresh_baoming_tokens", "--max-age-days", "7", "--cleanup-days", "30")
     assert [r["token"] for r in upstream.requests] == [recent.token]
     assert list(BaomingToken.objects.values_list("id", flat=True)) == [recent.pk]
@@ -97,7 +98,7 @@ def test_flag_combinations_are_checked(args, message):
     [
         (["--max-age-days", "0"], "must be at least 1"),
         (["--max-age-days", "seven"], "expected a whole number"),
-        (["--scheduler", "--interval", "-1"], "positive number of hours"),
+        (["--scheduler", "--interval", "-1"], "must be a number above 0"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -130,20 +131,21 @@ def test_scheduler_runs_immediately_and_stops_on_sigterm(upstream, make_token, l
     )
     try:
         deadline = time.monotonic() + 30
-        while not upstream.requests and time.monotonic() < deadline:
+        while not RefreshRun.objects.filter(ended_at__isnull=False).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert upstream.requests, "the scheduler did not run immediately"
-        time.sleep(0.5)
+        # Between runs, SIGTERM stops the scheduler cleanly (mid-run: see test_interrupted.py).
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0, err
     assert "scheduler stopped" in out
+    assert RefreshRun.objects.get().status == "succeeded"
 
 
 def test_cleanup_command(make_token, capsys):
-    make_token(created_at=timezone.now() - timedelta(days=40))
+    make_token(created_at=timezone.now() - timedelta(days=40), last_answered_at=timezone.now() - timedelta(days=1))
     make_token()
     call_command("cleanup_baoming_tokens", "--days", "30")
     assert "deleted 1 token" in capsys.readouterr().out
@@ -173,12 +175,12 @@ def test_add_token_rejects_bad_and_duplicate_tokens(monkeypatch):
 def test_import_command(tmp_path, capsys):
     path = tmp_path / "tokens.csv"
     path.write_text(f"card_name,user_name,token\n甲,a,{'1' * 32}\n乙,b,bad\n", encoding="utf-8")
-    with pytest.raises(CommandError, match="1 bad row"):
+    with pytest.raises(CommandError, match=r"1 bad row.*nothing was imported"):
         call_command("import_baoming_tokens", str(path))
     captured = capsys.readouterr()
     assert f"{path}:3: token must be 32 hexadecimal characters" in captured.err
-    assert "imported 1" in captured.out
-    assert BaomingToken.objects.count() == 1
+    assert "imported 0" in captured.out
+    assert BaomingToken.objects.count() == 0  # all or nothing (see test_bad_input.py)
 
 
 def test_import_command_missing_file(tmp_path):

@@ -44,7 +44,11 @@ def test_import_csv_reports_bad_rows_and_skips_duplicates():
             f"戊,e,{'3' * 32}",
         ]
     )
-    report = tokens_import(text=text, fmt="csv")
+    refused = tokens_import(text=text, fmt="csv")
+    assert (refused.applied, refused.imported) == (False, 0)
+    assert [line for line, _ in refused.errors] == [3, 5, 6]
+    assert BaomingToken.objects.count() == 1  # all or nothing by default
+    report = tokens_import(text=text, fmt="csv", skip_bad_rows=True)
     assert (report.imported, report.duplicates) == (2, 1)
     assert [line for line, _ in report.errors] == [3, 5, 6]
     assert BaomingToken.objects.count() == 3
@@ -64,6 +68,6 @@ def test_import_json_lines():
         json.dumps({"名片": "乙", "access_token": "5" * 32}),
         json.dumps({"card_name": "丙", "token": 123}),
     ]
-    report = tokens_import(text="\n".join(lines), fmt="jsonl")
+    report = tokens_import(text="\n".join(lines), fmt="jsonl", skip_bad_rows=True)
     assert report.imported == 2
     assert [line for line, _ in report.errors] == [2, 3, 6]

@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.db import DatabaseError
 
 from tokens import reporting
 from tokens.models import DeletionReason, RefreshRun, RunKind, RunStatus
-from tokens.selectors import tokens_stale
+from tokens.selectors import refresh_run_latest_evidence, tokens_stale
 from tokens.services.deletion import tokens_delete
-from tokens.services.runs import run_close
+from tokens.services.runs import run_close, run_days_validate
+
+logger = logging.getLogger(__name__)
+
+# The latest refresh ended like this: the upstream could not vouch for the tokens.
+UNREACHED_STATUSES = (RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.ABANDONED)
+
+
+def cleanup_blocked_reason() -> str:
+    """Why cleanup must not delete now, or "" when it may.
+
+    While the latest refresh could not reach the upstream (failed, interrupted, abandoned), did
+    not trust its answers (breaker tripped) or confirmed no token valid, the tokens it kept from
+    being refreshed look unused: deleting them would turn our outage into their death.
+    """
+    latest = refresh_run_latest_evidence()
+    if latest is None:
+        return ""
+    if latest.status in UNREACHED_STATUSES:
+        return f"the latest refresh run #{latest.pk} ended {latest.status}: the upstream could not vouch for the tokens"
+    if latest.status == RunStatus.TRIPPED:
+        return (
+            f"the latest refresh run #{latest.pk} tripped the circuit breaker: the upstream's answers are not trusted"
+        )
+    if latest.ok == 0:
+        return f"the latest refresh run #{latest.pk} confirmed no token valid: the upstream vouched for nothing"
+    return ""
 
 
 def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> RefreshRun:
-    """Delete (in batches, with audit records) tokens whose last activity is older than ``days``.
+    """Delete (in batches, with audit records) the tokens ``tokens_stale(days)`` selects — or
+    nothing, as a ``skipped`` run, while ``cleanup_blocked_reason()`` says so.
 
-    Safe to run twice at once: deleters claim rows with SKIP LOCKED, so each token is audited once.
+    Raises ``InvalidRunArguments`` (a ValueError) for a ``days`` it cannot work with. Safe to
+    run twice at once: deleters claim rows with SKIP LOCKED, so each token is audited once.
     """
-    if days < 1:
-        raise ValueError("days must be at least 1")
+    days = run_days_validate(days, name="days")
+    blocked = cleanup_blocked_reason()
     stale = tokens_stale(days=days)
-    planned = stale.count()
+    planned = 0 if blocked else stale.count()
     run = RefreshRun.objects.create(
         kind=RunKind.CLEANUP, trigger=trigger, cleanup_days=days, dry_run=dry_run, planned=planned
     )
@@ -32,6 +62,10 @@ def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> Refr
         cleanup_days=days,
         dry_run=dry_run,
     )
+    if blocked:
+        reporting.log_cleanup_skipped(reason=blocked)
+        logger.warning("cleanup run #%s skipped: %s", run.pk, blocked)
+        return run_close(run, status=RunStatus.SKIPPED, deleted=0, error=f"skipped: {blocked}")
     reason = f"unused for more than {days} days"
     try:
         if dry_run:

@@ -6,6 +6,11 @@ checked by ``token_refresh_batch`` — in-process (the command) or as one Celery
 rate limiter keeps all of them together under ``BAOMING_RATE_LIMIT``. The last batch to finish
 finalizes the run.
 
+A batch is claimed (``pending → claimed``) before the upstream is called, so a second delivery of
+its message does nothing; whoever works it renews its claim, the run's lock and the run's sign of
+life every few seconds — also while every check sleeps on a ``Retry-After`` — and records nothing
+once any of them is lost (the run was taken over, abandoned or interrupted).
+
 Deletion of tokens that answered "invalid" is deferred to the end of the run: only then is the
 whole run's share of invalid answers known, and the circuit breaker can keep them all when an
 upstream outage answers "invalid" for everything.
@@ -13,29 +18,33 @@ upstream outage answers "invalid" for everything.
 
 from __future__ import annotations
 
+import enum
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
-from leasesite.crypto import SecretDecryptionError
+from leasesite.crypto import UndecryptableSecret
 from leasesite.locks import lock_acquire, lock_holder, lock_release, lock_renew
 from leasesite.log_filters import scrub_secrets
-from leasesite.notify import alert_send
+from leasesite.notify import alert_problem, alert_resolved
 from leasesite.ratelimit import RateLimiter, get_rate_limiter
 from tokens import reporting
 from tokens.clients import BaomingClient, CheckOutcome, CheckResult, get_baoming_client
 from tokens.models import (
+    LIVE_RUN_STATUSES,
     BaomingToken,
     BatchStatus,
     DeletionReason,
@@ -46,16 +55,32 @@ from tokens.models import (
 )
 from tokens.selectors import tokens_for_refresh
 from tokens.services.deletion import tokens_delete
-from tokens.services.runs import REFRESH_LOCK_NAME, run_close
+from tokens.services.runs import (
+    REFRESH_LOCK_NAME,
+    run_close,
+    run_days_validate,
+    run_end_unfinished,
+    run_heartbeat,
+)
 
 logger = logging.getLogger(__name__)
 
-LOCK_RENEW_EVERY_SECONDS = 30.0
+LOCK_RENEW_MAX_INTERVAL_SECONDS = 30.0
+STOP_POLL_SECONDS = 0.25  # how soon a requested stop (SIGTERM) is noticed while checks run
 BREAKER_KEPT_MESSAGE = "invalid answer ignored: circuit breaker tripped"
+BREAKER_ALERT_KEY = "tokens:breaker"
+STOPPED_MESSAGE = "check not made: the batch was stopped"
 
 
 class RefreshAlreadyRunning(Exception):  # noqa: N818 - reads as a state, not an error
     """Another refresh run holds the lock."""
+
+
+class _BatchOutcome(enum.Enum):
+    RECORDED = "recorded"
+    SKIPPED = "skipped"  # done, claimed by a live worker, or its run is closed: nothing to do
+    LOST = "lost"  # the run was taken over / abandoned, or the claim was lost, while working
+    INTERRUPTED = "interrupted"  # a stop was requested (SIGTERM to the command)
 
 
 @dataclass(frozen=True)
@@ -75,7 +100,37 @@ class _TokenRow:
     decrypt_error: bool = False
 
 
+def renew_interval_seconds() -> float:
+    """How often a claim and a lock are renewed: well inside their lifetime."""
+    return min(LOCK_RENEW_MAX_INTERVAL_SECONDS, settings.BAOMING_RUN_LOCK_TTL / 3)
+
+
 # --- checking ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckPause:
+    """A ``Retry-After`` pause as one batch's threads see it, so they wait it out on their stop
+    event (which a stop request sets at once) instead of asleep inside the limiter."""
+
+    _until: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def extend(self, seconds: float) -> None:
+        with self._lock:
+            self._until = max(self._until, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return self._until - time.monotonic()
+
+
+def _stopped_while_paused(stop: threading.Event | None, pause: CheckPause | None) -> bool:
+    if stop is None:
+        return False
+    while pause is not None and (remaining := pause.remaining()) > 0:
+        if stop.wait(remaining):
+            return True
+    return stop.is_set()
 
 
 def token_check(
@@ -84,14 +139,21 @@ def token_check(
     client: BaomingClient,
     limiter: RateLimiter,
     rate_limit_retries: int,
+    stop: threading.Event | None = None,
+    pause: CheckPause | None = None,
 ) -> tuple[CheckResult, int]:
     """Check one token under the shared limiter; on a throttle answer back off and retry.
 
-    Returns the final result and how many rate-limit answers were seen on the way.
+    Returns the final result and how many rate-limit answers were seen on the way. When ``stop``
+    is set the check ends without calling the upstream (its result is never recorded).
     """
     throttled = 0
     while True:
+        if _stopped_while_paused(stop, pause):
+            return CheckResult(CheckOutcome.TRANSIENT, STOPPED_MESSAGE), throttled
         limiter.acquire()
+        if stop is not None and stop.is_set():
+            return CheckResult(CheckOutcome.TRANSIENT, STOPPED_MESSAGE), throttled
         result = client.check_token(token)
         if result.outcome != CheckOutcome.RATE_LIMITED:
             return result, throttled
@@ -101,135 +163,256 @@ def token_check(
         # Honour Retry-After; without one, back off exponentially. The pause applies to every
         # worker sharing the limiter, since the upstream throttles us as a whole.
         backoff = result.retry_after if result.retry_after is not None else min(2.0**throttled, 60.0)
+        if pause is not None:
+            pause.extend(backoff)
         limiter.pause(backoff)
 
 
-_executor_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-_executor_size = 0
+class CheckPool:
+    """A fixed pool of **daemon** threads running checks, handing back ``Future``s.
+
+    Like ``ThreadPoolExecutor``, except that its threads never hold up the exit of the process:
+    a check can sleep inside the shared limiter for as long as the upstream's ``Retry-After``
+    (up to 300 s), and an interrupted command must still exit at once. The threads hold no
+    database connection and no lock, so ending them with the process loses nothing.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        for number in range(size):
+            threading.Thread(target=self._work, name=f"baoming-check-{number}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., object], /, **kwargs: object) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, kwargs))
+        return future
+
+    def shutdown(self) -> None:
+        for _number in range(self.size):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                result = fn(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
 
-def _get_executor() -> ThreadPoolExecutor:
-    """One bounded thread pool per process (created lazily, so after a prefork fork)."""
-    global _executor, _executor_size
-    with _executor_lock:
-        if _executor is None or _executor_size != settings.BAOMING_CONCURRENCY:
-            if _executor is not None:
-                _executor.shutdown(wait=False)
-            _executor_size = settings.BAOMING_CONCURRENCY
-            _executor = ThreadPoolExecutor(max_workers=_executor_size, thread_name_prefix="baoming-check")
-        return _executor
+_pool_lock = threading.Lock()
+_pool: CheckPool | None = None
+
+
+def _get_pool() -> CheckPool:
+    """One bounded pool per process (created lazily, so after a prefork fork)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.size != settings.BAOMING_CONCURRENCY:
+            if _pool is not None:
+                _pool.shutdown()
+            _pool = CheckPool(settings.BAOMING_CONCURRENCY)
+        return _pool
 
 
 def _load_rows(token_ids: list[int]) -> list[_TokenRow]:
+    """The batch's tokens in its order. A token no configured key decrypts loads as an
+    ``UndecryptableSecret`` (leasesite.fields) and is flagged: it fails its check at once."""
     fields = ("id", "card_name", "user_name", "token", "last_used")
     order = {token_id: index for index, token_id in enumerate(token_ids)}
-    try:
-        loaded = [
-            _TokenRow(t.id, t.card_name, t.user_name, t.token, t.last_used)
-            for t in BaomingToken.objects.filter(id__in=token_ids).only(*fields)
-        ]
-    except SecretDecryptionError:
-        # One undecryptable row must not sink the batch: load row by row and flag the bad ones.
-        loaded = []
-        for token_id in token_ids:
-            try:
-                t = BaomingToken.objects.only(*fields).filter(id=token_id).first()
-            except SecretDecryptionError:
-                meta = BaomingToken.objects.filter(id=token_id).values("card_name", "user_name", "last_used").first()
-                if meta:
-                    loaded.append(
-                        _TokenRow(token_id, meta["card_name"], meta["user_name"], None, meta["last_used"], True)
-                    )
-                continue
-            if t is not None:
-                loaded.append(_TokenRow(t.id, t.card_name, t.user_name, t.token, t.last_used))
+    loaded = [
+        _TokenRow(
+            t.id, t.card_name, t.user_name, t.token or None, t.last_used, isinstance(t.token, UndecryptableSecret)
+        )
+        for t in BaomingToken.objects.filter(id__in=token_ids).only(*fields)
+    ]
     return sorted(loaded, key=lambda row: order.get(row.id, 0))
 
 
-def _submit_checks(
-    rows: list[_TokenRow], *, client: BaomingClient, limiter: RateLimiter
-) -> tuple[dict[Future, int], dict[int, TokenCheck]]:
-    """Queue every row's check on the process pool; undecryptable rows fail at once."""
-    retries = settings.BAOMING_RATE_LIMIT_RETRIES
-    executor = _get_executor()
-    futures: dict[Future, int] = {}
-    failed_early: dict[int, TokenCheck] = {}
-    for row in rows:
-        if row.decrypt_error or not row.token:
-            failed_early[row.id] = TokenCheck(
-                row.id, CheckResult(CheckOutcome.TRANSIENT, "cannot decrypt token (encryption key missing?)"), 0
+# --- one batch in flight ----------------------------------------------------------------------
+
+
+@dataclass
+class _BatchInFlight:
+    batch: RefreshBatch
+    run: RefreshRun
+    claim: str
+    rows: list[_TokenRow] = field(default_factory=list)
+    futures: dict[Future, int] = field(default_factory=dict)
+    checks: dict[int, TokenCheck] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    pause: CheckPause = field(default_factory=CheckPause)
+
+    def heartbeat(self) -> str | None:
+        """Renew the batch's claim, the run's sign of life and its lock; say why not if we can't."""
+        ttl = settings.BAOMING_RUN_LOCK_TTL
+        renewed = RefreshBatch.objects.filter(
+            pk=self.batch.pk, status=BatchStatus.CLAIMED, claimed_by=self.claim
+        ).update(claimed_until=timezone.now() + timedelta(seconds=ttl))
+        if not renewed:
+            return "lost its claim on the batch"
+        if not run_heartbeat(run_id=self.run.pk):
+            return "the run is no longer running"
+        if not self.run.dry_run and not lock_renew(name=REFRESH_LOCK_NAME, owner=self.run.lock_owner, ttl_seconds=ttl):
+            token_refresh_abandon(run_id=self.run.pk, reason="it lost its lock: another run took over")
+            return "the run lost its lock"
+        return None
+
+    def abort(self) -> None:
+        """Stop the batch's checks: queued ones never start, running ones end before asking."""
+        self.stop.set()
+        for future in self.futures:
+            future.cancel()
+
+    def submit(self, *, client: BaomingClient, limiter: RateLimiter) -> None:
+        """Queue every row's check on the process pool; undecryptable rows fail at once."""
+        retries = settings.BAOMING_RATE_LIMIT_RETRIES
+        pool = _get_pool()
+        for row in self.rows:
+            if row.decrypt_error or not row.token:
+                self.checks[row.id] = TokenCheck(
+                    row.id, CheckResult(CheckOutcome.TRANSIENT, "cannot decrypt token (encryption key missing?)"), 0
+                )
+                continue
+            future = pool.submit(
+                token_check,
+                token=row.token,
+                client=client,
+                limiter=limiter,
+                rate_limit_retries=retries,
+                stop=self.stop,
+                pause=self.pause,
             )
-            continue
-        future = executor.submit(
-            token_check, token=row.token, client=client, limiter=limiter, rate_limit_retries=retries
-        )
-        futures[future] = row.id
-    return futures, failed_early
+            self.futures[future] = row.id
+
+
+def _batch_claim(batch_id: int) -> _BatchInFlight | None:
+    """Claim a batch before anything is asked upstream; None when there is nothing to do.
+
+    A compare-and-swap on the batch row: a pending batch, or one whose claim expired (its worker
+    died), can be taken; a second delivery of the same message finds it claimed and stops here.
+    """
+    batch = RefreshBatch.objects.select_related("run").filter(pk=batch_id).first()
+    if batch is None or batch.status == BatchStatus.DONE or batch.run.status != RunStatus.RUNNING:
+        return None
+    claim = uuid.uuid4().hex
+    now = timezone.now()
+    claimable = Q(status=BatchStatus.PENDING) | Q(status=BatchStatus.CLAIMED, claimed_until__lt=now)
+    taken = RefreshBatch.objects.filter(claimable, pk=batch_id).update(
+        status=BatchStatus.CLAIMED,
+        claimed_by=claim,
+        claimed_until=now + timedelta(seconds=settings.BAOMING_RUN_LOCK_TTL),
+    )
+    if not taken:
+        logger.info("batch %s of run #%s is claimed by another worker: skipped", batch.number, batch.run_id)
+        return None
+    inflight = _BatchInFlight(batch=batch, run=batch.run, claim=claim)
+    reason = inflight.heartbeat()
+    if reason is not None:
+        logger.warning("batch %s of run #%s not worked: %s", batch.number, batch.run_id, reason)
+        return None
+    return inflight
 
 
 def _collect_checks(
-    futures: dict[Future, int],
-    checks: dict[int, TokenCheck],
+    inflight: _BatchInFlight,
     *,
-    heartbeat: Callable[[], None],
     on_progress: Callable[[int], None] | None,
-) -> dict[int, TokenCheck]:
-    last_beat = time.monotonic()
-    for future in as_completed(futures):
-        token_id = futures[future]
-        try:
-            result, throttled = future.result()
-        except Exception as exc:  # noqa: BLE001 - e.g. the limiter's Redis went away
-            result, throttled = CheckResult(CheckOutcome.TRANSIENT, f"check aborted: {type(exc).__name__}"), 0
-            logger.warning("token %s check aborted: %s", token_id, type(exc).__name__)
-        checks[token_id] = TokenCheck(token_id, result, throttled)
-        if on_progress is not None:
-            on_progress(1)
-        if time.monotonic() - last_beat >= LOCK_RENEW_EVERY_SECONDS:
-            heartbeat()
-            last_beat = time.monotonic()
-    return checks
+    stop_requested: Callable[[], bool] | None,
+) -> _BatchOutcome | None:
+    """Wait for the batch's checks, renewing claim and lock on a clock of their own (not only
+    when a check completes: every check may sleep on a long Retry-After). Returns why the batch
+    stopped early, or None when every check completed."""
+    pending = set(inflight.futures)
+    interval = renew_interval_seconds()
+    next_beat = time.monotonic() + interval
+    while pending:
+        timeout = max(0.0, next_beat - time.monotonic())
+        if stop_requested is not None:
+            timeout = min(timeout, STOP_POLL_SECONDS)
+        done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            token_id = inflight.futures[future]
+            try:
+                result, throttled = future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the limiter's Redis went away
+                result, throttled = CheckResult(CheckOutcome.TRANSIENT, f"check aborted: {type(exc).__name__}"), 0
+                logger.warning("token %s check aborted: %s", token_id, type(exc).__name__)
+            inflight.checks[token_id] = TokenCheck(token_id, result, throttled)
+            if on_progress is not None:
+                on_progress(1)
+        if stop_requested is not None and stop_requested():
+            return _BatchOutcome.INTERRUPTED
+        if time.monotonic() >= next_beat:
+            reason = inflight.heartbeat()
+            if reason is not None:
+                logger.warning("batch %s of run #%s stopped: %s", inflight.batch.number, inflight.run.pk, reason)
+                return _BatchOutcome.LOST
+            next_beat = time.monotonic() + interval
+    return None
 
 
 # --- recording --------------------------------------------------------------------------------
 
 
-def _record_checks(*, run: RefreshRun, batch: RefreshBatch, checks: Iterable[TokenCheck]) -> bool:
-    """Write a batch's results with a few batched UPDATEs; False if the batch was already done."""
+def _record_checks(*, inflight: _BatchInFlight) -> bool:
+    """Write a batch's results with a few batched UPDATEs; False (nothing written) when the run
+    is no longer running or the batch is no longer ours."""
+    run, batch = inflight.run, inflight.batch
     by_outcome: dict[CheckOutcome, list[int]] = defaultdict(list)
-    failures_by_message: dict[str, list[int]] = defaultdict(list)
+    failures_by_message: dict[tuple[str, bool], list[int]] = defaultdict(list)
     invalid_by_message: dict[str, list[int]] = defaultdict(list)
     throttled = 0
-    for check in checks:
+    for check in inflight.checks.values():
         outcome = check.result.outcome
         throttled += check.rate_limited_answers
         if outcome == CheckOutcome.RATE_LIMITED:
             outcome = CheckOutcome.TRANSIENT  # still throttled after every retry: keep, count failed
         by_outcome[outcome].append(check.token_id)
         if outcome == CheckOutcome.TRANSIENT:
-            failures_by_message[check.result.message[:500]].append(check.token_id)
+            failures_by_message[(check.result.message[:500], check.result.answered)].append(check.token_id)
         elif outcome == CheckOutcome.INVALID:
             invalid_by_message[f"invalid: {check.result.message}"[:500]].append(check.token_id)
 
     now = timezone.now()
     with transaction.atomic():
-        if not RefreshBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(status=BatchStatus.DONE):
+        # Lock the run row first (the order every writer uses), then re-check it: a run taken
+        # over, abandoned or interrupted while this batch was checked records nothing.
+        live = RefreshRun.objects.select_for_update().filter(pk=run.pk, status=RunStatus.RUNNING)
+        if not list(live.values_list("pk", flat=True)):
+            return False
+        done = RefreshBatch.objects.filter(pk=batch.pk, status=BatchStatus.CLAIMED, claimed_by=inflight.claim).update(
+            status=BatchStatus.DONE, claimed_until=None
+        )
+        if not done:
             return False
         if not run.dry_run:
             tokens = BaomingToken.objects
             if by_outcome[CheckOutcome.VALID]:
                 tokens.filter(id__in=by_outcome[CheckOutcome.VALID]).update(
-                    last_used=now, last_checked_at=now, consecutive_failures=0, last_error="", invalid_in_run=None
+                    last_used=now,
+                    last_checked_at=now,
+                    last_answered_at=now,
+                    consecutive_failures=0,
+                    last_error="",
+                    invalid_in_run=None,
                 )
             for message, ids in invalid_by_message.items():
-                tokens.filter(id__in=ids).update(last_checked_at=now, last_error=message, invalid_in_run=run.pk)
-            for message, ids in failures_by_message.items():
+                tokens.filter(id__in=ids).update(
+                    last_checked_at=now, last_answered_at=now, last_error=message, invalid_in_run=run.pk
+                )
+            for (message, answered), ids in failures_by_message.items():
                 tokens.filter(id__in=ids).update(
                     last_checked_at=now,
                     consecutive_failures=F("consecutive_failures") + 1,
                     last_error=message,
                     invalid_in_run=None,
+                    **({"last_answered_at": now} if answered else {}),
                 )
         checked = sum(len(ids) for ids in by_outcome.values())
         RefreshRun.objects.filter(pk=run.pk).update(
@@ -239,34 +422,64 @@ def _record_checks(*, run: RefreshRun, batch: RefreshBatch, checks: Iterable[Tok
             failed=F("failed") + len(by_outcome[CheckOutcome.TRANSIENT]),
             rate_limited=F("rate_limited") + throttled,
             batches_done=F("batches_done") + 1,
+            heartbeat_at=now,
         )
     return True
 
 
-def _breaker_should_trip(*, ok: int, invalid: int) -> bool:
-    answers = ok + invalid
-    if answers < settings.BAOMING_BREAKER_MIN_ANSWERS:
+# --- circuit breaker --------------------------------------------------------------------------
+
+
+def breaker_should_trip(*, ok: int, invalid: int) -> bool:
+    """More than BAOMING_BREAKER_THRESHOLD of the definitive answers say invalid, and at least
+    BAOMING_BREAKER_MIN_INVALID do — whatever the size of the run, so a small deployment or the
+    6-hourly subset run is protected too, while one dead token of one (or of three) is deleted."""
+    if invalid < settings.BAOMING_BREAKER_MIN_INVALID:
         return False
-    return invalid / answers > settings.BAOMING_BREAKER_THRESHOLD
+    return invalid / (ok + invalid) > settings.BAOMING_BREAKER_THRESHOLD
+
+
+def _breaker_title() -> str:
+    return _("报名工具 token refresh: circuit breaker tripped")
 
 
 def _evaluate_breaker(run_id: int) -> None:
-    run = RefreshRun.objects.only("ok", "invalid", "breaker_tripped").get(pk=run_id)
-    if run.breaker_tripped or not _breaker_should_trip(ok=run.ok, invalid=run.invalid):
+    """Trip on the answers so far (after each batch, so a run turning bad alerts early)."""
+    run = RefreshRun.objects.only("ok", "invalid", "breaker_tripped", "dry_run").get(pk=run_id)
+    if run.breaker_tripped or not breaker_should_trip(ok=run.ok, invalid=run.invalid):
         return
-    if RefreshRun.objects.filter(pk=run_id, breaker_tripped=False).update(breaker_tripped=True):
-        alert_send(
-            title="报名工具 token refresh: circuit breaker tripped",
-            body=(
-                f"Run #{run_id}: {run.invalid} of {run.ok + run.invalid} answers said "
-                f"'invalid access_token' (threshold {settings.BAOMING_BREAKER_THRESHOLD:.0%}). "
-                "No token will be deleted by this run; check the upstream before the next run."
-            ),
-            level="error",
+    if not RefreshRun.objects.filter(pk=run_id, breaker_tripped=False).update(breaker_tripped=True):
+        return
+    answers = run.ok + run.invalid
+    if run.dry_run:
+        logger.warning("dry run #%s: the circuit breaker would trip (%d of %d invalid)", run_id, run.invalid, answers)
+        return  # a dry run reports; it never alerts
+    alert_problem(
+        key=BREAKER_ALERT_KEY,
+        title=_breaker_title(),
+        body=_(
+            "Run #%(run)s: %(invalid)d of %(answers)d answers said 'invalid access_token' (more than "
+            "%(threshold)s). No token will be deleted by this run; check the upstream (and "
+            "BAOMING_API_BASE) before the next run."
         )
+        % {
+            "run": run_id,
+            "invalid": run.invalid,
+            "answers": answers,
+            "threshold": f"{settings.BAOMING_BREAKER_THRESHOLD:.0%}",
+        },
+        level="error",
+    )
 
 
 # --- run lifecycle ----------------------------------------------------------------------------
+
+
+def token_refresh_abandon(*, run_id: int, reason: str) -> bool:
+    """Close a live run that nobody works any more as ``abandoned`` (and alert). Whoever finds
+    it so — the next run taking its expired lock, the sweeper, its own worker that lost the
+    lock — calls this; the compare-and-swap lets exactly one of them close it."""
+    return run_end_unfinished(run_id=run_id, status=RunStatus.ABANDONED, error=f"abandoned: {reason}") is not None
 
 
 def token_refresh_start(
@@ -280,9 +493,12 @@ def token_refresh_start(
 ) -> RefreshRun:
     """Take the run lock, create the run and its batches; ``dispatch(batch_id)`` after commit.
 
-    Raises ``RefreshAlreadyRunning`` when another run holds the lock. A dry run takes no lock
-    (it writes nothing to tokens).
+    Raises ``RefreshAlreadyRunning`` when another run holds the lock, ``InvalidRunArguments``
+    (a ValueError) for a ``max_age_days`` it cannot work with. A dry run takes no lock (it
+    writes nothing to tokens).
     """
+    if max_age_days is not None:
+        max_age_days = run_days_validate(max_age_days, name="max_age_days")
     batch_size = batch_size or settings.BAOMING_BATCH_SIZE
     owner = uuid.uuid4().hex
     if not dry_run:
@@ -290,19 +506,23 @@ def token_refresh_start(
             holder = lock_holder(name=REFRESH_LOCK_NAME)
             until = reporting.format_time(holder.expires_at) if holder else "?"
             raise RefreshAlreadyRunning(f"another refresh run is in progress (lock held until {until} unless renewed)")
-        # We hold the lock, so any run still marked running lost its workers: close it.
-        RefreshRun.objects.filter(
-            kind=RunKind.REFRESH, dry_run=False, status__in=[RunStatus.RUNNING, RunStatus.FINALIZING]
-        ).update(
-            status=RunStatus.ABANDONED,
-            ended_at=timezone.now(),
-            error="abandoned: its workers stopped renewing the lock",
-        )
+        # We hold the lock, so any run still marked live lost its workers: close it (and alert).
+        stale = RefreshRun.objects.filter(kind=RunKind.REFRESH, dry_run=False, status__in=LIVE_RUN_STATUSES)
+        for stale_id in stale.values_list("pk", flat=True):
+            token_refresh_abandon(run_id=stale_id, reason="its workers stopped renewing the lock")
     try:
         with transaction.atomic():
+            now = timezone.now()
             run = RefreshRun.objects.create(
-                kind=RunKind.REFRESH, trigger=trigger, max_age_days=max_age_days, dry_run=dry_run, lock_owner=owner
+                kind=RunKind.REFRESH,
+                trigger=trigger,
+                max_age_days=max_age_days,
+                dry_run=dry_run,
+                lock_owner=owner,
+                dispatched=dispatch is not None,
+                heartbeat_at=now,
             )
+            dispatched_at = now if dispatch is not None else None
             planned = 0
             number = 0
             pending: list[RefreshBatch] = []
@@ -314,13 +534,13 @@ def token_refresh_start(
             for token_id in ids.iterator(chunk_size=2000):
                 chunk.append(token_id)
                 if len(chunk) == batch_size:
-                    pending.append(RefreshBatch(run=run, number=number, token_ids=chunk))
+                    pending.append(RefreshBatch(run=run, number=number, token_ids=chunk, dispatched_at=dispatched_at))
                     number, planned, chunk = number + 1, planned + len(chunk), []
                     if len(pending) >= 100:
                         RefreshBatch.objects.bulk_create(pending)
                         pending = []
             if chunk:
-                pending.append(RefreshBatch(run=run, number=number, token_ids=chunk))
+                pending.append(RefreshBatch(run=run, number=number, token_ids=chunk, dispatched_at=dispatched_at))
                 number, planned = number + 1, planned + len(chunk)
             RefreshBatch.objects.bulk_create(pending)
             run.planned, run.batches_total, run.batch_size = planned, number, batch_size
@@ -346,48 +566,46 @@ def token_refresh_start(
         dry_run=dry_run,
     )
     if number == 0:
-        _finalize_if_complete(run.pk)
+        token_refresh_finalize_if_complete(run_id=run.pk)
         run.refresh_from_db()
     return run
 
 
-@dataclass
-class _BatchInFlight:
-    batch: RefreshBatch
-    run: RefreshRun
-    rows: list[_TokenRow]
-    futures: dict[Future, int]
-    checks: dict[int, TokenCheck]
-
-    def heartbeat(self) -> None:
-        if not self.run.dry_run:
-            lock_renew(name=REFRESH_LOCK_NAME, owner=self.run.lock_owner, ttl_seconds=settings.BAOMING_RUN_LOCK_TTL)
-
-
-def _batch_begin(*, batch_id: int, client: BaomingClient | None, limiter: RateLimiter | None) -> _BatchInFlight | None:
-    """Load a batch and queue its checks; None when there is nothing to do."""
-    batch = RefreshBatch.objects.select_related("run").filter(pk=batch_id).first()
-    if batch is None or batch.status == BatchStatus.DONE or batch.run.is_final:
-        return None
-    client = client or get_baoming_client()
-    limiter = limiter or get_rate_limiter(name="baoming", rate=settings.BAOMING_RATE_LIMIT)
-    rows = _load_rows(list(batch.token_ids))
-    futures, checks = _submit_checks(rows, client=client, limiter=limiter)
-    inflight = _BatchInFlight(batch=batch, run=batch.run, rows=rows, futures=futures, checks=checks)
-    inflight.heartbeat()
-    return inflight
-
-
-def _batch_finish(inflight: _BatchInFlight, *, on_progress: Callable[[int], None] | None) -> bool:
-    """Wait for a batch's checks, record them, log them; maybe trip the breaker or finish the run."""
-    run, rows = inflight.run, inflight.rows
-    checks = _collect_checks(inflight.futures, inflight.checks, heartbeat=inflight.heartbeat, on_progress=on_progress)
-    if not _record_checks(run=run, batch=inflight.batch, checks=checks.values()):
-        return False
-    inflight.heartbeat()
+def _batch_work(
+    *,
+    batch_id: int,
+    client: BaomingClient | None,
+    limiter: RateLimiter | None,
+    on_progress: Callable[[int], None] | None,
+    stop_requested: Callable[[], bool] | None,
+) -> _BatchOutcome:
+    inflight = _batch_claim(batch_id)
+    if inflight is None:
+        return _BatchOutcome.SKIPPED
+    run = inflight.run
+    try:
+        inflight.rows = _load_rows(list(inflight.batch.token_ids))
+        inflight.submit(
+            client=client or get_baoming_client(),
+            limiter=limiter or get_rate_limiter(name="baoming", rate=settings.BAOMING_RATE_LIMIT),
+        )
+        stopped = _collect_checks(inflight, on_progress=on_progress, stop_requested=stop_requested)
+        if stopped is None and inflight.heartbeat() is not None:  # the last word before writing
+            stopped = _BatchOutcome.LOST
+    except BaseException:
+        # A time limit, a database error: the checks in flight stop asking; the claim expires
+        # and the sweeper sends the batch again.
+        inflight.abort()
+        raise
+    if stopped is not None:
+        inflight.abort()
+        return stopped
+    if not _record_checks(inflight=inflight):
+        logger.warning("batch %s of run #%s not recorded: the run is closed", inflight.batch.number, run.pk)
+        return _BatchOutcome.LOST
     base_index = inflight.batch.number * run.batch_size
-    for offset, row in enumerate(rows, start=1):
-        check = checks[row.id]
+    for offset, row in enumerate(inflight.rows, start=1):
+        check = inflight.checks[row.id]
         reporting.log_token_line(
             index=base_index + offset,
             planned=run.planned,
@@ -406,8 +624,8 @@ def _batch_finish(inflight: _BatchInFlight, *, on_progress: Callable[[int], None
             check.result.message,
         )
     _evaluate_breaker(run.pk)
-    _finalize_if_complete(run.pk)
-    return True
+    token_refresh_finalize_if_complete(run_id=run.pk)
+    return _BatchOutcome.RECORDED
 
 
 def token_refresh_batch(
@@ -417,14 +635,19 @@ def token_refresh_batch(
     limiter: RateLimiter | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> bool:
-    """Check one batch and record it; idempotent (a done batch or a closed run is skipped)."""
-    inflight = _batch_begin(batch_id=batch_id, client=client, limiter=limiter)
-    if inflight is None:
-        return False
-    return _batch_finish(inflight, on_progress=on_progress)
+    """Check one batch and record it; True when this call recorded it.
+
+    Idempotent: a done batch, a batch claimed by a live worker, or a batch of a closed run is
+    skipped without calling the upstream.
+    """
+    outcome = _batch_work(
+        batch_id=batch_id, client=client, limiter=limiter, on_progress=on_progress, stop_requested=None
+    )
+    return outcome == _BatchOutcome.RECORDED
 
 
-def _finalize_if_complete(run_id: int) -> None:
+def token_refresh_finalize_if_complete(*, run_id: int) -> None:
+    """Finalize a running run whose every batch is recorded (exactly one caller wins)."""
     claimed = RefreshRun.objects.filter(pk=run_id, status=RunStatus.RUNNING, batches_done=F("batches_total")).update(
         status=RunStatus.FINALIZING
     )
@@ -438,17 +661,22 @@ def token_refresh_finalize(*, run_id: int) -> RefreshRun:
     flagged = BaomingToken.objects.filter(invalid_in_run=run)
     deleted = 0
     if run.dry_run:
-        deleted = run.invalid  # what would have been deleted
+        deleted = 0 if run.breaker_tripped else run.invalid  # what it would have deleted
     elif run.breaker_tripped:
         flagged.update(
             invalid_in_run=None, consecutive_failures=F("consecutive_failures") + 1, last_error=BREAKER_KEPT_MESSAGE
         )
     else:
+        last_renewal = time.monotonic()
 
         def log_deleted(record) -> None:
+            nonlocal last_renewal
             reporting.log_deleted_line(
                 card_name=record.card_name, user_name=record.user_name, masked=record.token_masked, reason=record.detail
             )
+            if time.monotonic() - last_renewal >= renew_interval_seconds():  # a long deletion keeps its lock
+                lock_renew(name=REFRESH_LOCK_NAME, owner=run.lock_owner, ttl_seconds=settings.BAOMING_RUN_LOCK_TTL)
+                last_renewal = time.monotonic()
 
         deleted = tokens_delete(queryset=flagged, reason=DeletionReason.INVALID, run=run, on_deleted=log_deleted)
     run.refresh_from_db()
@@ -459,19 +687,19 @@ def token_refresh_finalize(*, run_id: int) -> RefreshRun:
         run.error = run.error or "every check failed (upstream unreachable or answering errors)"
     else:
         status = RunStatus.SUCCEEDED
-    return run_close(run, status=status, deleted=deleted)
+    run = run_close(run, status=status, deleted=deleted)
+    if status == RunStatus.SUCCEEDED and not run.dry_run:
+        alert_resolved(
+            key=BREAKER_ALERT_KEY,
+            title=_breaker_title(),
+            body=_("Run #%(run)s completed without tripping the circuit breaker.") % {"run": run.pk},
+        )
+    return run
 
 
-def token_refresh_abort(*, run_id: int, error: str) -> RefreshRun | None:
-    """Mark an unfinished run failed (the in-process runner was interrupted or crashed)."""
-    claimed = RefreshRun.objects.filter(pk=run_id, status__in=[RunStatus.RUNNING, RunStatus.FINALIZING]).update(
-        status=RunStatus.FAILED
-    )
-    if not claimed:
-        return None
-    # Tokens flagged invalid by this run are kept: the run did not finish, so it decides nothing.
-    BaomingToken.objects.filter(invalid_in_run_id=run_id).update(invalid_in_run=None)
-    return run_close(RefreshRun.objects.get(pk=run_id), status=RunStatus.FAILED, error=error)
+def token_refresh_abort(*, run_id: int, error: str, status: str = RunStatus.FAILED) -> RefreshRun | None:
+    """End an unfinished run: ``failed`` (the in-process runner crashed) or ``interrupted``."""
+    return run_end_unfinished(run_id=run_id, status=status, error=error)
 
 
 def token_refresh_run(
@@ -484,17 +712,42 @@ def token_refresh_run(
     limiter: RateLimiter | None = None,
     on_start: Callable[[RefreshRun], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> RefreshRun:
-    """A whole refresh run in this process (the command and the benchmark use it)."""
+    """A whole refresh run in this process (the command and the benchmark use it).
+
+    Setting ``stop`` (the command does on SIGTERM / Ctrl-C) ends the run soon after as
+    ``interrupted``: the batch in flight records nothing, the lock is released, people alerted.
+    """
     run = token_refresh_start(trigger=trigger, max_age_days=max_age_days, token_ids=token_ids, dry_run=dry_run)
     if on_start is not None:
         on_start(run)
+    stop_requested = stop.is_set if stop is not None else None
     try:
         batch_ids = list(run.batches.filter(status=BatchStatus.PENDING).order_by("number").values_list("id", flat=True))
         for batch_id in batch_ids:
-            token_refresh_batch(batch_id=batch_id, client=client, limiter=limiter, on_progress=on_progress)
+            if stop is not None and stop.is_set():
+                outcome = _BatchOutcome.INTERRUPTED
+            else:
+                outcome = _batch_work(
+                    batch_id=batch_id,
+                    client=client,
+                    limiter=limiter,
+                    on_progress=on_progress,
+                    stop_requested=stop_requested,
+                )
+            if outcome == _BatchOutcome.INTERRUPTED:
+                token_refresh_abort(
+                    run_id=run.pk, status=RunStatus.INTERRUPTED, error="interrupted: stop requested (signal)"
+                )
+                break
+            if outcome == _BatchOutcome.LOST:
+                break  # the run is closed (taken over, abandoned): nothing more to do for it
     except BaseException as exc:
-        token_refresh_abort(run_id=run.pk, error=scrub_secrets(f"interrupted: {type(exc).__name__}: {exc}"))
+        status = RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt | SystemExit) else RunStatus.FAILED
+        token_refresh_abort(
+            run_id=run.pk, status=status, error=scrub_secrets(f"interrupted: {type(exc).__name__}: {exc}")
+        )
         raise
     run.refresh_from_db()
     return run

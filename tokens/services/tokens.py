@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ def _normalize_name(raw: str | None, *, label: str, required: bool) -> str:
     value = (raw or "").strip()
     if required and not value:
         raise TokenValidationError(f"{label} is required")
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise TokenValidationError(f"{label} contains a control character")
     if len(value) > MAX_NAME_LENGTH:
         raise TokenValidationError(f"{label} is longer than {MAX_NAME_LENGTH} characters")
     return value
@@ -63,18 +66,40 @@ class ImportReport:
     imported: int = 0
     duplicates: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
+    applied: bool = True  # False: bad rows were found and nothing was written
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
 
+def _csv_error_reason(exc: csv.Error) -> str:
+    if "field larger than field limit" in str(exc):
+        return f"a field is longer than {csv.field_size_limit()} characters (the CSV field size limit)"
+    return f"not valid CSV ({exc})"
+
+
 def _rows_from_csv(text: str) -> Iterator[tuple[int, dict | None, str]]:
     reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
-    for row in reader:
+    last_error_line = -1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            line = reader.line_num
+            yield line, None, _csv_error_reason(exc)
+            if line == last_error_line:  # the reader cannot get past it: stop rather than loop
+                return
+            last_error_line = line
+            continue
         line = reader.line_num
         if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+            continue
+        if any("\x00" in cell for cell in row):
+            yield line, None, "contains a NUL byte"
             continue
         cells = [cell.strip() for cell in row]
         if header is None and "token" in [c.lower() for c in cells]:
@@ -96,13 +121,20 @@ def _rows_from_csv(text: str) -> Iterator[tuple[int, dict | None, str]]:
 
 
 def _rows_from_json_lines(text: str) -> Iterator[tuple[int, dict | None, str]]:
-    for line, raw in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which are not lines.
+    for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
             item = json.loads(raw)
         except json.JSONDecodeError as exc:
             yield line, None, f"not valid JSON ({exc.msg})"
+            continue
+        except RecursionError:
+            yield line, None, "not valid JSON (nested too deeply)"
+            continue
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            yield line, None, "not valid JSON (a number with too many digits)"
             continue
         if not isinstance(item, dict):
             yield line, None, "expected a JSON object"
@@ -119,32 +151,62 @@ def detect_format(text: str, filename: str = "") -> str:
     return "jsonl" if first.lstrip().startswith("{") else "csv"
 
 
-def tokens_import(*, text: str, fmt: str) -> ImportReport:
-    """Import tokens from CSV or JSON lines. Good rows are stored, duplicates skipped, bad rows
-    reported with their line numbers. Names accepted: ``card_name``/``名片``, ``user_name``/``用户``,
-    ``token``/``access_token``.
+def _validated_row(item: dict) -> tuple[str, str, str]:
+    card_name = item.get("card_name", item.get("名片", ""))
+    user_name = item.get("user_name", item.get("用户", item.get("用户名", "")))
+    token = item.get("token", item.get("access_token", ""))
+    if not all(isinstance(v, str) for v in (card_name, user_name, token)):
+        raise TokenValidationError("card_name, user_name and token must be strings")
+    if any("\x00" in v for v in (card_name, user_name, token)):
+        raise TokenValidationError("contains a NUL byte")
+    return (
+        _normalize_name(card_name, label="card name", required=True),
+        _normalize_name(user_name, label="user name", required=False),
+        _normalize_token(token),
+    )
+
+
+def tokens_import(*, text: str, fmt: str, skip_bad_rows: bool = False) -> ImportReport:
+    """Import tokens from CSV or JSON lines, all or nothing.
+
+    Every row is read and validated first; bad rows are reported with their line numbers and,
+    unless ``skip_bad_rows``, nothing at all is imported. Duplicates (of a stored token or of an
+    earlier row) are skipped and counted, not errors. Names accepted: ``card_name``/``名片``,
+    ``user_name``/``用户``, ``token``/``access_token``.
     """
     rows: Iterable[tuple[int, dict | None, str]] = (
         _rows_from_json_lines(text) if fmt == "jsonl" else _rows_from_csv(text)
     )
     report = ImportReport()
+    good: list[tuple[str, str, str]] = []
     for line, item, error in rows:
         if item is None:
             report.errors.append((line, error))
             continue
-        card_name = item.get("card_name", item.get("名片", ""))
-        user_name = item.get("user_name", item.get("用户", item.get("用户名", "")))
-        token = item.get("token", item.get("access_token", ""))
-        if not all(isinstance(v, str) for v in (card_name, user_name, token)):
-            report.errors.append((line, "card_name, user_name and token must be strings"))
-            continue
         try:
-            token_add(card_name=card_name, user_name=user_name, token=token)
-        except DuplicateTokenError:
-            report.duplicates += 1
+            good.append(_validated_row(item))
         except TokenValidationError as exc:
             report.errors.append((line, str(exc)))
-        else:
+    if report.errors and not skip_bad_rows:
+        report.applied = False
+        return report
+    fingerprints = [fingerprint_secret(token) for _, _, token in good]
+    stored: set[str] = set()
+    for start in range(0, len(fingerprints), 500):
+        chunk = fingerprints[start : start + 500]
+        stored.update(BaomingToken.objects.filter(fingerprint__in=chunk).values_list("fingerprint", flat=True))
+    with transaction.atomic():
+        for (card_name, user_name, token), fingerprint in zip(good, fingerprints, strict=True):
+            if fingerprint in stored:
+                report.duplicates += 1
+                continue
+            stored.add(fingerprint)
+            try:
+                with transaction.atomic():
+                    BaomingToken.objects.create(card_name=card_name, user_name=user_name, token=token)
+            except IntegrityError:  # stored meanwhile by someone else
+                report.duplicates += 1
+                continue
             report.imported += 1
     return report
 

@@ -1,25 +1,58 @@
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from leases.management.commands._args import positive_int
 from leases.models import RedemptionCode
-from leases.services.redemption import codes_export_csv, codes_generate
+from leases.services.redemption import MAX_CODES_PER_BATCH, codes_export_csv, codes_generate
 from leases.services.transitions import LeaseError
+from leasesite.cli import MAX_MONTHS, int_between, months_arg
+
+BATCH_MAX_LENGTH = RedemptionCode._meta.get_field("batch").max_length
+
+
+def text_at_most(max_length: int) -> Callable[[str], str]:
+    """An argparse type: text no longer than the column that stores it."""
+
+    def parse(value: str) -> str:
+        if len(value.strip()) > max_length:
+            raise argparse.ArgumentTypeError(f"at most {max_length} characters, got {len(value.strip())}")
+        return value
+
+    parse.__name__ = "label"
+    return parse
 
 
 class Command(BaseCommand):
     help = "Generate a batch of redemption codes and print them as CSV (or write them to --csv PATH)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--count", type=positive_int, required=True, metavar="N")
-        parser.add_argument("--term-months", type=positive_int, required=True, metavar="M", help="months per team")
         parser.add_argument(
-            "--total-months", type=positive_int, metavar="T", help="whole entitlement (default: until cancelled)"
+            "--count",
+            type=int_between(1, MAX_CODES_PER_BATCH),
+            required=True,
+            metavar="N",
+            help=f"how many codes (1–{MAX_CODES_PER_BATCH})",
         )
-        parser.add_argument("--batch", default="", metavar="LABEL", help="batch label (default: a timestamp)")
+        parser.add_argument(
+            "--term-months", type=months_arg, required=True, metavar="M", help=f"months per team (1–{MAX_MONTHS})"
+        )
+        parser.add_argument(
+            "--total-months",
+            type=months_arg,
+            metavar="T",
+            help=f"whole entitlement, at least the term (1–{MAX_MONTHS}; default: until cancelled)",
+        )
+        parser.add_argument(
+            "--batch",
+            type=text_at_most(BATCH_MAX_LENGTH),
+            default="",
+            metavar="LABEL",
+            help=f"batch label, at most {BATCH_MAX_LENGTH} characters (default: a timestamp)",
+        )
         parser.add_argument("--csv", metavar="PATH", help="write the CSV to PATH instead of standard output")
 
     def handle(self, *args: object, **options: object) -> None:

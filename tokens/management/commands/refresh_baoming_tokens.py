@@ -2,55 +2,78 @@
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from leasesite.cli import positive_int
+from leasesite.cli import days_arg, hours_arg
 from tokens.management.commands._logging import configure_command_logging
-from tokens.models import RunStatus, RunTrigger
+from tokens.models import RefreshRun, RunStatus, RunTrigger
 from tokens.services.cleanup import token_cleanup_run
 from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_run
 
-EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL: try again later
+EXIT_FAILED = 1  # the run failed, tripped the breaker or was abandoned
+EXIT_TRY_LATER = 75  # EX_TEMPFAIL: another refresh run is in progress, or cleanup was skipped
+# Interrupted by a signal: 128 + its number (143 for SIGTERM, 130 for Ctrl-C), like a shell.
 
 
-def positive_hours(value: str) -> float:
+class _StopRequest:
+    """SIGTERM / SIGINT ask the command to stop: the run in flight ends as ``interrupted``."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self.event.set()
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
+
+
+@contextmanager
+def _handling_stop_signals(stop: _StopRequest) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled in the main thread (call_command from a thread)
+        return
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of hours, got {value!r}") from None
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of hours, got {value}")
-    return number
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class Command(BaseCommand):
     help = (
         "Check every stored 报名工具 token against the API (keeps valid ones alive, deletes invalid "
-        "ones). Exit status: 0 run succeeded, 1 run failed or circuit breaker tripped, "
-        f"{EXIT_ALREADY_RUNNING} another refresh run is in progress."
+        "ones). Exit status: 0 run succeeded, 1 run failed, tripped the circuit breaker or was abandoned, "
+        f"2 bad flags, {EXIT_TRY_LATER} another refresh run is in progress (or the cleanup was skipped), "
+        "128+N stopped by signal N (143 for SIGTERM) with the run closed as interrupted."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--max-age-days",
-            type=positive_int,
+            type=days_arg,
             metavar="N",
             help="only tokens used within the last N days (default: all tokens)",
         )
         parser.add_argument(
             "--cleanup-days",
-            type=positive_int,
+            type=days_arg,
             metavar="N",
-            help="after refreshing, delete tokens unused for more than N days",
+            help="after refreshing, delete tokens unused for more than N days that the API answered for recently",
         )
         parser.add_argument("--scheduler", action="store_true", help="keep running and refresh every --interval hours")
         parser.add_argument(
-            "--interval", type=positive_hours, metavar="H", help="hours between runs in --scheduler mode (default 6)"
+            "--interval", type=hours_arg, metavar="H", help="hours between runs in --scheduler mode (default 6)"
         )
         parser.add_argument(
             "--run-immediately",
@@ -74,21 +97,24 @@ class Command(BaseCommand):
             configure_command_logging(verbose=verbose, log_file=options["log_file"])
         except OSError as exc:
             raise CommandError(f"cannot open --log-file: {exc.strerror}") from None
-        if options["scheduler"]:
-            self._scheduler(options)
-            return
-        code = self._run_once(options)
+        stop = _StopRequest()
+        with _handling_stop_signals(stop):
+            code = self._scheduler(options, stop) if options["scheduler"] else self._run_once(options, stop)
         if code:
+            if stop.event.is_set() and code == stop.exit_code:
+                raise CommandError(
+                    f"stopped by signal {stop.signum}: the run was closed as interrupted", returncode=code
+                )
             raise CommandError("refresh run did not succeed (see the log above)", returncode=code)
 
-    def _run_once(self, options: dict) -> int:
+    def _run_once(self, options: dict, stop: _StopRequest) -> int:
         progress = None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             progress = tqdm(total=0, unit="token", desc="refresh", file=sys.stderr)
 
-        def on_start(run) -> None:
+        def on_start(run: RefreshRun) -> None:
             if progress is not None:
                 progress.total = run.planned
                 progress.refresh()
@@ -100,45 +126,62 @@ class Command(BaseCommand):
                 dry_run=options["dry_run"],
                 on_start=on_start,
                 on_progress=progress.update if progress is not None else None,
+                stop=stop.event,
             )
         except RefreshAlreadyRunning as exc:
             self.stderr.write(f"not started: {exc}")
-            return EXIT_ALREADY_RUNNING
+            return EXIT_TRY_LATER
         finally:
             if progress is not None:
                 progress.close()
-        self.stdout.write(
-            f"refresh run #{run.pk} {run.status}: total {run.total}, ok {run.ok}, failed {run.failed}, "
-            f"invalid {run.invalid}, deleted {run.deleted}, rate-limited {run.rate_limited}, "
-            f"{run.duration_seconds or 0:.1f}s"
-        )
-        code = 0 if run.status == RunStatus.SUCCEEDED else 1
-        if options["cleanup_days"]:
+        self.stdout.write(self._summary(run))
+        if run.status == RunStatus.INTERRUPTED:
+            return stop.exit_code
+        code = 0 if run.status == RunStatus.SUCCEEDED else EXIT_FAILED
+        if options["cleanup_days"] and not stop.event.is_set():
             cleanup = token_cleanup_run(
                 days=options["cleanup_days"], trigger=RunTrigger.COMMAND, dry_run=options["dry_run"]
             )
-            self.stdout.write(f"cleanup run #{cleanup.pk} {cleanup.status}: deleted {cleanup.deleted}")
-            if cleanup.status != RunStatus.SUCCEEDED:
-                code = 1
+            if cleanup.status == RunStatus.SKIPPED:
+                self.stdout.write(f"cleanup run #{cleanup.pk} skipped, nothing deleted: {cleanup.error}")
+                code = code or EXIT_TRY_LATER
+            else:
+                verb = "would delete" if cleanup.dry_run else "deleted"
+                self.stdout.write(f"cleanup run #{cleanup.pk} {cleanup.status}: {verb} {cleanup.deleted}")
+                if cleanup.status != RunStatus.SUCCEEDED:
+                    code = EXIT_FAILED
         return code
 
-    def _scheduler(self, options: dict) -> None:
+    @staticmethod
+    def _summary(run: RefreshRun) -> str:
+        deleted = f"would delete {run.deleted}" if run.dry_run else f"deleted {run.deleted}"
+        line = (
+            f"refresh run #{run.pk} {run.status}{' (dry run)' if run.dry_run else ''}: total {run.total}, ok {run.ok}, "
+            f"failed {run.failed}, invalid {run.invalid}, {deleted}, rate-limited {run.rate_limited}, "
+            f"{run.duration_seconds or 0:.1f}s"
+        )
+        if run.breaker_tripped:
+            line += (
+                "; the circuit breaker would trip: a real run would delete nothing"
+                if run.dry_run
+                else "; circuit breaker tripped: nothing deleted"
+            )
+        if run.error and run.status != RunStatus.SUCCEEDED:
+            line += f" ({run.error})"
+        return line
+
+    def _scheduler(self, options: dict, stop: _StopRequest) -> int:
         hours = options["interval"] or 6.0
-        stop = threading.Event()
-
-        def request_stop(signum: int, frame: object) -> None:
-            self.stderr.write(f"signal {signum}: stopping after the current step")
-            stop.set()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
         self.stdout.write(f"scheduler: refreshing every {hours:g} h (Ctrl-C or SIGTERM stops)")
         run_now = options["run_immediately"]
-        while not stop.is_set():
+        while not stop.event.is_set():
             if run_now:
-                code = self._run_once(options)
+                code = self._run_once(options, stop)
+                if stop.event.is_set() and code == stop.exit_code:
+                    return code  # stopped in the middle of a run: it was closed as interrupted
                 if code:
                     self.stderr.write(f"run ended with status code {code}; next run in {hours:g} h")
             run_now = True
-            stop.wait(hours * 3600)
+            stop.event.wait(hours * 3600)
         self.stdout.write("scheduler stopped")
+        return 0
