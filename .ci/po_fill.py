@@ -37,11 +37,16 @@ def main(po_path: str, json_path: str) -> int:
             out.append(block)
             continue
         fuzzy = any(line.startswith("#,") and "fuzzy" in line for line in lines)
-        comments = [
-            line
-            for line in lines
-            if line.startswith("#") and not line.startswith("#|") and not (line.startswith("#,") and "fuzzy" in line)
-        ]
+        comments = []
+        for line in lines:
+            if not line.startswith("#") or line.startswith("#|"):
+                continue  # "#|" holds the previous msgid of a fuzzy guess
+            if line.startswith("#,"):
+                flags = [f.strip() for f in line[2:].split(",") if f.strip() and f.strip() != "fuzzy"]
+                if not flags:
+                    continue
+                line = "#, " + ", ".join(flags)
+            comments.append(line)
         i = next(n for n, line in enumerate(lines) if line.startswith("msgid "))
         msgid, i = _strings(lines, i)
         plural = None

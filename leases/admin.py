@@ -304,8 +304,8 @@ class MemberLeaseAdmin(admin.ModelAdmin):
             self.message_user(
                 request,
                 _(
-                    "Lease(s) %(ids)s are being transferred right now: they will be cancelled as soon as the "
-                    "transfer's current step ends."
+                    "Lease(s) %(ids)s are being worked on right now (a transfer or an invite): they will be "
+                    "cancelled as soon as its current step ends."
                 )
                 % {"ids": ", ".join(map(str, requested))},
                 messages.WARNING,

@@ -151,8 +151,8 @@ def _cancel_through_the_admin(lease: MemberLease, admin_user) -> str:
     texts = [str(m) for m in get_messages(response.wsgi_request)]
     with translation.override("zh-hans"):
         busy = gettext(
-            "Lease(s) %(ids)s are being transferred right now: they will be cancelled as soon as the "
-            "transfer's current step ends."
+            "Lease(s) %(ids)s are being worked on right now (a transfer or an invite): they will be "
+            "cancelled as soon as its current step ends."
         ) % {"ids": str(lease.pk)}
     return "requested" if busy in texts else "cancelled"
 
