@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
@@ -93,6 +95,13 @@ class RefreshRun(models.Model):
         return self.status in FINAL_RUN_STATUSES
 
 
+class TokenHealth(models.TextChoices):
+    VALID = "valid", _("valid")
+    FAILING = "failing", _("failing")
+    SUSPECT = "suspect", _("suspect (probably logged out)")
+    UNCHECKED = "unchecked", _("not checked yet")
+
+
 class BaomingToken(models.Model):
     """An access token of the 报名工具 mini program. ``token`` is encrypted in the column."""
 
@@ -109,6 +118,15 @@ class BaomingToken(models.Model):
     last_answered_at = models.DateTimeField(_("last answered at"), null=True, blank=True, editable=False)
     consecutive_failures = models.PositiveIntegerField(_("consecutive failures"), default=0)
     last_error = models.CharField(_("last error"), max_length=500, blank=True)
+    # The current streak of failing answers started then (null while the token answers valid).
+    failing_since = models.DateTimeField(_("failing since"), null=True, blank=True, editable=False)
+    # "Suspect" answers in a row (DESIGN §3: probably logged out) and when the streak started.
+    suspect_count = models.PositiveIntegerField(_("suspect answers in a row"), default=0, editable=False)
+    suspect_since = models.DateTimeField(_("suspect since"), null=True, blank=True, editable=False)
+    # From a QR login (or the old tool's store): the WeChat identity behind the token. A second
+    # login of the same person replaces the token of that row instead of adding one.
+    unionid = models.CharField(_("WeChat unionid"), max_length=100, null=True, blank=True, unique=True)
+    avatar_url = models.URLField(_("avatar"), max_length=500, blank=True)
     # Set when a run got an "invalid" answer; the run deletes flagged tokens when it ends,
     # unless its circuit breaker tripped.
     invalid_in_run = models.ForeignKey(
@@ -132,10 +150,27 @@ class BaomingToken(models.Model):
         ]
         constraints = [
             models.CheckConstraint(condition=~models.Q(fingerprint=""), name="token_fingerprint_set"),
+            models.CheckConstraint(condition=~models.Q(unionid=""), name="token_unionid_null_or_set"),
+            models.CheckConstraint(
+                condition=models.Q(suspect_count=0, suspect_since__isnull=True)
+                | models.Q(suspect_count__gt=0, suspect_since__isnull=False),
+                name="token_suspect_streak_has_a_start",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.card_name} / {self.user_name or '-'} ({self.masked_token})"
+
+    @property
+    def health(self) -> str:
+        """valid / failing / suspect / unchecked, for the console (``TokenHealth``)."""
+        if self.suspect_count:
+            return TokenHealth.SUSPECT
+        if self.consecutive_failures:
+            return TokenHealth.FAILING
+        if self.last_checked_at is None:
+            return TokenHealth.UNCHECKED
+        return TokenHealth.VALID
 
     @property
     def masked_token(self) -> str:
@@ -177,6 +212,7 @@ class RefreshBatch(models.Model):
 
 class DeletionReason(models.TextChoices):
     INVALID = "invalid", _("invalid token")
+    SUSPECT = "suspect", _("suspect answers over an hour")
     STALE = "stale", _("unused too long")
     ADMIN = "admin", _("deleted by operator")
 
@@ -218,3 +254,95 @@ class TokenDeletion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.card_name} ({self.token_masked}) – {self.get_reason_display()}"
+
+
+class CheckOutcomeChoice(models.TextChoices):
+    VALID = "valid", _("valid")
+    INVALID = "invalid", _("invalid")
+    SUSPECT = "suspect", _("suspect")
+    RATE_LIMITED = "rate_limited", _("rate limited")
+    TRANSIENT = "transient", _("failed")
+
+
+class TokenCheckRecord(models.Model):
+    """One check of one token in one run: the per-token history the console shows (the last
+    ``TOKEN_HISTORY_PER_TOKEN`` per token are kept). Keyed by the token's id, not a foreign key,
+    so the history of a deleted token stays readable beside its deletion record."""
+
+    token_pk = models.BigIntegerField(_("token id"), db_index=True)
+    run = models.ForeignKey(
+        RefreshRun, verbose_name=_("run"), null=True, blank=True, on_delete=models.SET_NULL, related_name="checks"
+    )
+    checked_at = models.DateTimeField(_("checked at"), default=timezone.now, db_index=True)
+    outcome = models.CharField(_("outcome"), max_length=16, choices=CheckOutcomeChoice.choices)
+    message = models.CharField(_("message"), max_length=200, blank=True)
+    http_status = models.PositiveSmallIntegerField(_("HTTP status"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("token check")
+        verbose_name_plural = _("token checks")
+        ordering = ["-checked_at", "-id"]
+        indexes = [models.Index(fields=["token_pk", "-checked_at"], name="tokencheck_token_recent_idx")]
+
+    def __str__(self) -> str:
+        return f"token {self.token_pk}: {self.outcome}"
+
+
+class QrLoginStatus(models.TextChoices):
+    STARTING = "starting", _("getting a QR code")
+    WAITING = "waiting", _("waiting for the scan")
+    SUCCEEDED = "succeeded", _("logged in")
+    EXPIRED = "expired", _("expired")
+    FAILED = "failed", _("failed")
+    CANCELLED = "cancelled", _("cancelled")
+
+
+QR_LOGIN_OPEN_STATUSES = (QrLoginStatus.STARTING, QrLoginStatus.WAITING)
+
+
+class QrLogin(models.Model):
+    """One QR-code login (DESIGN §3): the upstream's QR code to show, and what came of it.
+
+    The login ``code`` lets whoever holds it collect the token, so it is encrypted like a token
+    and never shown. Workers poll the upstream and write here; pages poll this row.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    card_name = models.CharField(_("card name (名片)"), max_length=100)
+    status = models.CharField(_("status"), max_length=16, choices=QrLoginStatus.choices, default=QrLoginStatus.STARTING)
+    qrcode = models.TextField(_("QR code"), blank=True)  # a URL to encode, or a data:image/... picture
+    code = EncryptedTextField(_("login code"), blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
+    expires_at = models.DateTimeField(_("expires at"))
+    polls = models.PositiveIntegerField(_("polls"), default=0)
+    message = models.CharField(_("message"), max_length=300, blank=True)
+    token = models.ForeignKey(
+        BaomingToken, verbose_name=_("token"), null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    replaced = models.BooleanField(_("replaced an existing token"), default=False)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("requested by"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    class Meta:
+        verbose_name = _("QR login")
+        verbose_name_plural = _("QR logins")
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=~models.Q(status=QrLoginStatus.SUCCEEDED) | models.Q(token__isnull=False),
+                name="qrlogin_succeeded_has_token",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.card_name} ({self.get_status_display()})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in QR_LOGIN_OPEN_STATUSES
