@@ -13,6 +13,7 @@ from collections.abc import Callable
 # Upper bounds the commands use (named, so a command's help and its check agree).
 MAX_DAYS = 36_500  # 100 years: timedelta and every database handle it
 MAX_HOURS = 24.0 * 366  # --interval: at most a year between scheduled runs
+MAX_MINUTES = int(MAX_HOURS * 60)  # --interval-minutes: the same year
 MAX_MONTHS = 1_200  # terms and entitlements (PositiveSmallIntegerField holds 32767)
 MAX_COUNT = 1_000_000  # generic counts (seats, benchmark sizes)
 
@@ -63,3 +64,4 @@ positive_int = int_between(1, MAX_COUNT)
 days_arg = int_between(1, MAX_DAYS)
 months_arg = int_between(1, MAX_MONTHS)
 hours_arg = float_between(0.0, MAX_HOURS)
+minutes_arg = int_between(1, MAX_MINUTES)

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tokens.models import BaomingToken
-from tokens.services.tokens import DuplicateTokenError, TokenValidationError, token_add, tokens_import
+from tokens.services.importing import tokens_import
+from tokens.services.tokens import DuplicateTokenError, TokenValidationError, token_add
 
 pytestmark = pytest.mark.django_db
 TOKEN = "9a8bb3f233aa4de4b3209b47d5ac0efe"

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from leasesite.cli import days_arg, hours_arg
+from leasesite.cli import days_arg, hours_arg, minutes_arg
 from tokens.management.commands._logging import configure_command_logging
 from tokens.models import RefreshRun, RunStatus, RunTrigger
 from tokens.services.cleanup import token_cleanup_run
@@ -19,6 +19,26 @@ from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_run
 EXIT_FAILED = 1  # the run failed, tripped the breaker or was abandoned
 EXIT_TRY_LATER = 75  # EX_TEMPFAIL: another refresh run is in progress, or cleanup was skipped
 # Interrupted by a signal: 128 + its number (143 for SIGTERM, 130 for Ctrl-C), like a shell.
+
+
+DEFAULT_INTERVAL_HOURS = 6.0
+
+
+def scheduler_interval_hours(*, interval: float | None, interval_minutes: int | None) -> float | None:
+    """Hours between scheduled runs: ``--interval H``, or the old tool's ``--interval-minutes M`` (= M/60).
+
+    The old tool let minutes win silently when both were given; here that is an error, so nobody
+    believes the other one is in force.
+    """
+    if interval_minutes is None:
+        return interval
+    if interval is not None:
+        raise CommandError("give --interval (hours) or --interval-minutes, not both")
+    return interval_minutes / 60
+
+
+def interval_text(hours: float) -> str:
+    return f"{hours * 60:g} min" if hours < 1 else f"{hours:g} h"
 
 
 class _StopRequest:
@@ -76,6 +96,12 @@ class Command(BaseCommand):
             "--interval", type=hours_arg, metavar="H", help="hours between runs in --scheduler mode (default 6)"
         )
         parser.add_argument(
+            "--interval-minutes",
+            type=minutes_arg,
+            metavar="M",
+            help="minutes between runs in --scheduler mode (the old tool's flag: --interval M/60; not both)",
+        )
+        parser.add_argument(
             "--run-immediately",
             action="store_true",
             help="in --scheduler mode, run once right away instead of after the first interval",
@@ -87,7 +113,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: object, **options: object) -> None:
+        options["interval"] = scheduler_interval_hours(
+            interval=options["interval"], interval_minutes=options["interval_minutes"]
+        )
         if not options["scheduler"]:
+            if options["interval_minutes"] is not None:
+                raise CommandError("--interval-minutes only makes sense with --scheduler")
             if options["interval"] is not None:
                 raise CommandError("--interval only makes sense with --scheduler")
             if options["run_immediately"]:
@@ -171,8 +202,8 @@ class Command(BaseCommand):
         return line
 
     def _scheduler(self, options: dict, stop: _StopRequest) -> int:
-        hours = options["interval"] or 6.0
-        self.stdout.write(f"scheduler: refreshing every {hours:g} h (Ctrl-C or SIGTERM stops)")
+        hours = options["interval"] or DEFAULT_INTERVAL_HOURS
+        self.stdout.write(f"scheduler: refreshing every {interval_text(hours)} (Ctrl-C or SIGTERM stops)")
         run_now = options["run_immediately"]
         while not stop.event.is_set():
             if run_now:
@@ -180,7 +211,7 @@ class Command(BaseCommand):
                 if stop.event.is_set() and code == stop.exit_code:
                     return code  # stopped in the middle of a run: it was closed as interrupted
                 if code:
-                    self.stderr.write(f"run ended with status code {code}; next run in {hours:g} h")
+                    self.stderr.write(f"run ended with status code {code}; next run in {interval_text(hours)}")
             run_now = True
             stop.event.wait(hours * 3600)
         self.stdout.write("scheduler stopped")
