@@ -149,6 +149,7 @@ class _JsonText:
 
 
 _REST_NOT_READ = "; the rest of the file was not read"
+_NOT_AN_OBJECT = "expected a JSON object"
 
 
 def _decode_line(raw: str) -> tuple[object, str]:
@@ -174,7 +175,7 @@ def _json_lines(text: str) -> Iterator[tuple[int, dict | None, str]]:
         if error:
             yield line, None, error
         elif not isinstance(item, dict):
-            yield line, None, "expected a JSON object"
+            yield line, None, _NOT_AN_OBJECT
         else:
             yield line, item, ""
 
@@ -194,7 +195,7 @@ def _json_array(doc: _JsonText) -> Iterator[tuple[int, dict | None, str]]:
             except _JsonError as exc:
                 yield exc.line, None, exc.message + _REST_NOT_READ
                 return
-            yield (line, item, "") if isinstance(item, dict) else (line, None, "expected a JSON object")
+            yield (line, item, "") if isinstance(item, dict) else (line, None, _NOT_AN_OBJECT)
             pos = doc.skip_whitespace(pos)
             if text.startswith(",", pos):
                 pos = doc.skip_whitespace(pos + 1)
@@ -218,7 +219,7 @@ def _json_stream(doc: _JsonText) -> Iterator[tuple[int, dict | None, str]]:
         except _JsonError as exc:
             yield exc.line, None, exc.message + _REST_NOT_READ
             return
-        yield (line, item, "") if isinstance(item, dict) else (line, None, "expected a JSON object")
+        yield (line, item, "") if isinstance(item, dict) else (line, None, _NOT_AN_OBJECT)
         pos = doc.skip_whitespace(pos)
 
 
@@ -231,7 +232,7 @@ def _json_object_entries(doc: _JsonText) -> Iterator[tuple[int, str | None, dict
     text = doc.text
     pos = doc.skip_whitespace(0)
     if not text.startswith("{", pos):
-        yield doc.line_at(pos), None, None, "expected a JSON object"
+        yield doc.line_at(pos), None, None, _NOT_AN_OBJECT
         return
     pos = doc.skip_whitespace(pos + 1)
     if text.startswith("}", pos):
@@ -624,8 +625,10 @@ def detect_format(text: str) -> str:
     except _JsonError as exc:
         raise _unknown(f"line {exc.line}: {exc.message}") from None
     first_record = next((item for _, item, _ in records if item is not None), None)
-    if first_record is None:  # every record is broken: report them as bad rows
-        return FORMAT_MONGOEXPORT if stripped[0] == "[" else FORMAT_JSONL
+    if first_record is None:
+        if records and all(error == _NOT_AN_OBJECT for _, _, error in records):
+            raise _unknown("JSON values that are not objects")
+        return FORMAT_MONGOEXPORT if stripped[0] == "[" else FORMAT_JSONL  # broken records: listed as bad rows
     flavour = _flavour(first_record)
     if flavour is None:
         raise _unknown("its JSON objects have neither card_name and token nor card and access_token")
