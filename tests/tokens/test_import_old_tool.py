@@ -617,6 +617,24 @@ def test_binary_files_are_refused(tmp_path):
     assert code == 1 and "picture.png:1: not UTF-8 text" in err
 
 
+def test_our_own_records_pretty_printed_or_in_an_array_are_read(tmp_path):
+    first, second = new_token_value(), new_token_value()
+    records = [{"card_name": "甲", "user_name": "a", "token": first}, {"名片": "乙", "access_token": second}]
+    pretty = "\n".join(json.dumps(record, ensure_ascii=False, indent=2) for record in records)
+    out, err, code = run_import(tmp_path, pretty, name="pretty.json")
+    assert code == 0, err
+    assert "JSON lines (detected), 2 row(s)" in out and "imported 2" in out
+    BaomingToken.objects.all().delete()
+    out, err, code = run_import(tmp_path, json.dumps(records, ensure_ascii=False), name="array.json")
+    assert code == 0, err
+    assert sorted(BaomingToken.objects.values_list("card_name", flat=True)) == ["乙", "甲"]
+
+
+def test_the_service_reads_text_that_still_starts_with_a_bom():
+    report = tokens_import(text="\ufeff" + json_lines([token_doc(1)]))
+    assert (report.format, report.imported) == ("mongoexport", 1)
+
+
 def test_format_can_be_forced(tmp_path):
     _out, err, code = run_import(tmp_path, "a,b,c\n", "--format", "json-store", name="t.csv")
     assert code == 1 and "not the old tool's JSON store" in err

@@ -662,17 +662,20 @@ def parse_token_file(
             parsed.card_names_from_ids += from_id
             parsed.rows.append(Row(line=line, key=key, candidate=candidate))
         return parsed
+    starts_like_json = text.lstrip(" \t\r\n").startswith(("{", "["))
     if fmt == FORMAT_CSV:
         records = list(_csv_rows(text))
-    elif fmt == FORMAT_JSONL and not text.lstrip(" \t\r\n").startswith("["):
-        records = list(_json_lines(text))
-    else:
-        if not text.lstrip(" \t\r\n").startswith(("{", "[")) and text.strip():
-            raise ImportFormatError(f"not {FORMAT_LABELS[fmt]}: expected JSON objects")
+    elif starts_like_json:
         try:
-            records = _json_records(text) if text.strip() else []
+            records = _json_records(text)
         except _JsonError as exc:
             raise ImportFormatError(f"not {FORMAT_LABELS[fmt]} (line {exc.line}: {exc.message})") from None
+    elif fmt == FORMAT_JSONL:
+        records = list(_json_lines(text))  # every line is reported as not JSON
+    elif text.strip():
+        raise ImportFormatError(f"not {FORMAT_LABELS[fmt]}: expected JSON objects")
+    else:
+        records = []
     for line, item, error in records:
         if item is None:
             parsed.rows.append(Row(line=line, error=error))

@@ -146,7 +146,8 @@ def tokens_import(
     decides everything the same way and writes nothing.
     """
     now = timezone.now()
-    cards: Cards | None = parse_cards_file(cards_text) if cards_text is not None else None
+    text = text.removeprefix("\ufeff")  # a byte order mark decoded as text
+    cards: Cards | None = parse_cards_file(cards_text.removeprefix("\ufeff")) if cards_text is not None else None
     parsed = parse_token_file(text, fmt=fmt, cards=cards, old_tz=old_tz or timezone.get_default_timezone(), now=now)
     if old_tz is not None and parsed.format != FORMAT_MONGOEXPORT:
         raise ImportFormatError(
