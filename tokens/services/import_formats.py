@@ -109,8 +109,7 @@ class Cards:
 class ParsedFile:
     format: str
     rows: list[Row]
-    # mongoexport: rows whose card was not found in --cards, and rows named card_<id> without --cards
-    card_names_from_ids: int = 0
+    card_names_from_ids: int = 0  # old-tool rows named card_<card id> (no --cards given)
 
 
 # --- reading JSON with line numbers ---------------------------------------------------------------
