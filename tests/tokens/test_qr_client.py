@@ -10,7 +10,8 @@ import pytest
 import segno
 
 from leasesite.fakes.baoming_server import fake_qr_scan
-from tests.tokens.qr_fixtures import answer, fake_baoming, qr_upstream  # noqa: F401
+from tests.tokens import qr_fixtures
+from tests.tokens.qr_fixtures import answer
 from tokens.clients import (
     BaomingClient,
     QrCodeError,
@@ -19,6 +20,9 @@ from tokens.clients import (
     normalize_qrcode,
 )
 
+# The QR fixtures (a module of their own, not tests/conftest.py).
+fake_baoming = qr_fixtures.fake_baoming
+qr_upstream = qr_fixtures.qr_upstream
 TOKEN = "9a8bb3f233aa4de4b3209b47d5ac0efe"
 LOGGED_IN = {
     "sta": 0,

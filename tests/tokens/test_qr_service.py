@@ -12,7 +12,8 @@ from django.utils import timezone
 
 from leasesite.crypto import fingerprint_secret
 from leasesite.fakes.baoming_server import FakeBaomingServer, fake_qr_scan
-from tests.tokens.qr_fixtures import answer, fake_baoming, qr_upstream  # noqa: F401
+from tests.tokens import qr_fixtures
+from tests.tokens.qr_fixtures import answer
 from tokens.clients import QrIdentity
 from tokens.models import (
     BaomingToken,
@@ -36,6 +37,9 @@ from tokens.services.qrlogin import (
 )
 from tokens.services.tokens import TokenValidationError
 
+# The QR fixtures (a module of their own, not tests/conftest.py).
+fake_baoming = qr_fixtures.fake_baoming
+qr_upstream = qr_fixtures.qr_upstream
 pytestmark = pytest.mark.django_db
 OLD, NEW = "1" * 32, "2" * 32
 
