@@ -34,9 +34,10 @@ def _make(text: str) -> segno.QRCode:
         raise QrRenderError(str(exc)) from None
 
 
-def qr_svg(text: str, *, scale: int = 5) -> str:
-    """The QR code of ``text`` as an inline ``<svg>`` element (markup segno wrote: safe to embed)."""
-    return _make(text).svg_inline(scale=scale, border=BORDER, dark="#000", light="#fff")
+def qr_svg(text: str) -> str:
+    """The QR code of ``text`` as an inline ``<svg>`` (markup segno wrote: safe to embed) that takes
+    the size the page gives it."""
+    return _make(text).svg_inline(omitsize=True, border=BORDER, dark="#000", light="#fff")
 
 
 def qr_terminal(text: str, *, color: bool) -> str:
