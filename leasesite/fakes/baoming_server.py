@@ -145,13 +145,16 @@ class FakeQrLogins:
     """The fake's QR logins: codes issued, which of them were "scanned", and when they expire.
 
     A scan without details logs in a new person each time (``扫码用户N``); pass ``unionid`` (and
-    ``uname``, ``pic``, ``access_token``) to play the same person scanning again."""
+    ``uname``, ``pic``, ``access_token``) to play the same person scanning again (a new token,
+    the name and avatar they had)."""
 
     lifetime: float = 180.0
     picture: bool = False
     avoid_prefix: str = ""  # new tokens never start with the prefix the fake answers invalid for
     codes: dict[str, FakeQrCode] = field(default_factory=dict)
+    requests: list[tuple[str, float]] = field(default_factory=list)  # (path, monotonic time) of each call
     _people: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _people_by_unionid: dict[str, dict] = field(default_factory=dict)  # a person scanning again keeps their name
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _new_token(self) -> str:
@@ -201,13 +204,15 @@ class FakeQrLogins:
             entry = self.codes.get(code)
             if entry is None or entry.identity is not None or entry.collected or self._expired(entry):
                 return None
+            known = self._people_by_unionid.get(str(details.get("unionid") or ""), {})
             person = next(self._people)
             entry.identity = {
                 "access_token": str(details.get("access_token") or self._new_token()),
-                "uname": str(details.get("uname") or f"扫码用户{person}"),
-                "pic": str(details.get("pic") or f"https://example.com/avatars/{person}.png"),
+                "uname": str(details.get("uname") or known.get("uname") or f"扫码用户{person}"),
+                "pic": str(details.get("pic") or known.get("pic") or f"https://example.com/avatars/{person}.png"),
                 "unionid": str(details.get("unionid") or f"o-fake-{secrets.token_hex(6)}"),
             }
+            self._people_by_unionid[entry.identity["unionid"]] = entry.identity
             return {key: value for key, value in entry.identity.items() if key != "access_token"}
 
 
@@ -223,6 +228,7 @@ def make_qr_handler(
                 super().do_GET()
                 return
             allowed = state.record()
+            qr.requests.append((url.path, time.monotonic()))
             if state.latency:
                 time.sleep(state.latency)
             if not allowed:
