@@ -195,3 +195,14 @@ def test_classification_never_echoes_a_token_in_a_refusal():
     result = classify_qr_login_answer(200, f'{{"sta": -3, "msg": "bad {TOKEN}"}}'.encode())
     assert result.outcome == QrPollOutcome.REFUSED
     assert TOKEN not in result.message
+
+
+def test_the_fake_plays_the_same_person_scanning_again(fake_baoming):
+    client = client_for(fake_baoming.url)
+    seen = []
+    for _ in range(2):
+        qr = client.qr_code()
+        fake_qr_scan(base_url=fake_baoming.url, code="latest", details={"unionid": "o-again"})
+        seen.append(client.qr_login_poll(qr.code).identity)
+    assert seen[0].uname == seen[1].uname and seen[0].unionid == seen[1].unionid == "o-again"
+    assert seen[0].access_token != seen[1].access_token
