@@ -218,7 +218,7 @@ def test_an_expired_login_ends_without_calling_the_upstream(fake_baoming):
     login = qr_login_create(card_name="x")
     QrLogin.objects.filter(pk=login.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     login = qr_login_step(login_id=login.pk)
-    assert login.status == QrLoginStatus.EXPIRED and "not scanned in time" in login.message
+    assert login.status == QrLoginStatus.EXPIRED and login.message == "二维码未在限定时间内被扫描。"
     assert not fake_baoming.state.arrivals
 
 
@@ -337,3 +337,13 @@ def test_a_bad_card_name_starts_no_login(card_name):
     with pytest.raises(TokenValidationError):
         qr_login_create(card_name=card_name)
     assert not QrLogin.objects.exists()
+
+
+def test_key_rotation_covers_a_waiting_logins_code(fake_baoming, settings):
+    from tests.test_key_rotation import prepend_new_key, rotate
+
+    login = qr_login_step(login_id=qr_login_create(card_name="x").pk)
+    new_key = prepend_new_key(settings)
+    assert "tokens.QrLogin.code: re-encrypted 1" in rotate()
+    settings.TOKEN_ENCRYPTION_KEYS = [new_key]  # the old key is gone
+    assert QrLogin.objects.get(pk=login.pk).code == login.code
