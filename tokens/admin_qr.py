@@ -9,6 +9,7 @@ fake's control endpoint and exists only when ``BAOMING_API_IS_FAKE`` is on for a
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from django.contrib.admin import ModelAdmin
 
 PAGE_POLL_MILLISECONDS = 1500
+WORKER_HINT_AFTER = timedelta(seconds=10)
 
 
 class ScanStartForm(forms.Form):
@@ -119,6 +121,18 @@ class QrLoginViews:
     def _seconds_left(login: QrLogin) -> int:
         return max(0, int((login.expires_at - timezone.now()).total_seconds()))
 
+    @staticmethod
+    def _shown_message(login: QrLogin) -> str:
+        """The login's message; for a login no worker has touched yet, a hint why."""
+        if (
+            not login.message
+            and login.status == QrLoginStatus.STARTING
+            and login.polls == 0
+            and timezone.now() - login.created_at > WORKER_HINT_AFTER
+        ):
+            return gettext("No worker has taken this login yet: is the Celery worker running?")
+        return login.message
+
     @classmethod
     def _shown_status(cls, login: QrLogin) -> str:
         """The status to show: an open login past its expiry is over, even before a worker says so."""
@@ -177,6 +191,7 @@ class QrLoginViews:
             request,
             title=gettext("Add a token by scanning"),
             login=login,
+            message=self._shown_message(login),
             status=shown_status,
             status_display=QrLoginStatus(shown_status).label,
             is_open=shown_status in (QrLoginStatus.STARTING, QrLoginStatus.WAITING),
@@ -204,7 +219,7 @@ class QrLoginViews:
                 "open": status in (QrLoginStatus.STARTING, QrLoginStatus.WAITING),
                 "has_qr": bool(login.qrcode) and status == QrLoginStatus.WAITING,
                 "seconds_left": self._seconds_left(login),
-                "message": login.message,
+                "message": self._shown_message(login),
             },
             headers={"Cache-Control": "no-store"},
         )

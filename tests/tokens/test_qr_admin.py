@@ -217,3 +217,11 @@ def test_the_demo_scan_button_only_for_the_local_fake(
 
     settings.BAOMING_API_BASE = "http://upstream.example.com"  # the flag alone is not enough
     assert not demo_scan_enabled()
+
+
+def test_the_page_says_when_no_worker_took_the_login(admin_client, django_capture_on_commit_callbacks):
+    login, _ = start(admin_client, "x", django_capture_on_commit_callbacks)  # the task is never run
+    status_url = reverse("admin:tokens_baomingtoken_scan_status", args=[login.pk])
+    assert admin_client.get(status_url).json()["message"] == ""
+    QrLogin.objects.filter(pk=login.pk).update(created_at=timezone.now() - timedelta(seconds=11))
+    assert "Celery" in admin_client.get(status_url).json()["message"]

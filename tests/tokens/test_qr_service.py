@@ -215,8 +215,9 @@ def test_a_second_scan_by_the_same_person_replaces_their_token(fake_baoming):
 
 
 def test_an_expired_login_ends_without_calling_the_upstream(fake_baoming):
-    login = qr_login_create(card_name="x")
+    login = qr_login_step(login_id=qr_login_create(card_name="x").pk)
     QrLogin.objects.filter(pk=login.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    fake_baoming.state.arrivals.clear()
     login = qr_login_step(login_id=login.pk)
     assert login.status == QrLoginStatus.EXPIRED and login.message == "二维码未在限定时间内被扫描。"
     assert not fake_baoming.state.arrivals
@@ -347,3 +348,12 @@ def test_key_rotation_covers_a_waiting_logins_code(fake_baoming, settings):
     assert "tokens.QrLogin.code: re-encrypted 1" in rotate()
     settings.TOKEN_ENCRYPTION_KEYS = [new_key]  # the old key is gone
     assert QrLogin.objects.get(pk=login.pk).code == login.code
+
+
+def test_a_login_that_never_got_a_qr_code_fails_at_expiry_with_the_reason(qr_upstream):
+    qr_upstream.code_answers[:] = [answer("down", 503)]
+    login = qr_login_step(login_id=qr_login_create(card_name="x").pk)
+    QrLogin.objects.filter(pk=login.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    login = qr_login_step(login_id=login.pk)
+    assert login.status == QrLoginStatus.FAILED
+    assert login.message.startswith("报名工具 API 在登录到期前没有给出二维码。") and "HTTP 503" in login.message

@@ -291,7 +291,11 @@ def qr_login_step(
         return None if tick is not None else QrLogin.objects.filter(pk=login_id).first()
     login = QrLogin.objects.get(pk=login_id)
     if timezone.now() >= login.expires_at:
-        _close(login.pk, QrLoginStatus.EXPIRED, message=_("The QR code was not scanned in time."))
+        if login.status == QrLoginStatus.STARTING:  # it never had a QR code to scan
+            reason = _("No QR code came from the 报名工具 API before the login expired.")
+            _close(login.pk, QrLoginStatus.FAILED, message=f"{reason} {login.message}".strip())
+        else:
+            _close(login.pk, QrLoginStatus.EXPIRED, message=_("The QR code was not scanned in time."))
         return QrLogin.objects.get(pk=login.pk)
     client = client or get_baoming_client()
     limiter = limiter or get_rate_limiter(name="baoming", rate=settings.BAOMING_RATE_LIMIT)
