@@ -120,12 +120,14 @@ def test_scan_messages_are_translated(fake_baoming):
     assert_clean(output)
 
 
-@pytest.mark.parametrize(("how", "exit_code"), [("ctrl-c", 130), ("sigterm", 143)])
+@pytest.mark.parametrize(("how", "exit_code"), [("ctrl-c", 130), ("ctrl-c twice", 130), ("sigterm", 143)])
 def test_ctrl_c_and_sigterm_cancel_cleanly(fake_baoming, how, exit_code):
     run = TerminalRun(en_env(fake_baoming), "--card-name", "张三")
     login = waiting_login()
     if how == "ctrl-c":
         run.type(b"\x03")
+    elif how == "ctrl-c twice":
+        run.type(b"\x03\x03")
     else:
         run.proc.send_signal(signal.SIGTERM)
     code, output = run.finish(timeout=30)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
+from django.db import connection
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -30,8 +31,11 @@ class _Interrupt:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
+        self.armed = True  # False once the login has ended
 
     def __call__(self, signum: int, frame: object) -> None:
+        if not self.armed:
+            return
         if self.event.is_set():
             raise KeyboardInterrupt
         self.signum = signum
@@ -147,18 +151,27 @@ class Command(BaseCommand):
                 shown.append(self._show_qr(step, tty=tty))
             countdown.show(step)
 
-        try:
-            with _handling_interrupts(interrupt):
+        # The handlers stay until the command has reported, so a late Ctrl-C never surfaces as
+        # a traceback; once the login has ended, further signals change nothing.
+        with _handling_interrupts(interrupt):
+            try:
                 final = qr_login_wait(login_id=login.pk, on_step=on_step, stop=interrupt.event)
-        except KeyboardInterrupt:  # a second Ctrl-C while a step was still on its way
-            qr_login_cancel(login_id=login.pk)
-            final = QrLogin.objects.get(pk=login.pk)
-        finally:
-            countdown.end()
-            for picture in shown:
-                if picture is not None:
-                    picture.unlink(missing_ok=True)
-        self._report(final, interrupt)
+            except KeyboardInterrupt:  # a second Ctrl-C while a step was still on its way
+                final = self._cancel_after_interrupt(login)
+            finally:
+                interrupt.armed = False
+                countdown.end()
+                for picture in shown:
+                    if picture is not None:
+                        picture.unlink(missing_ok=True)
+            self._report(final, interrupt)
+
+    @staticmethod
+    def _cancel_after_interrupt(login: QrLogin) -> QrLogin:
+        """Cancel on a fresh connection: the interrupted one may be stuck mid-query."""
+        connection.close()
+        qr_login_cancel(login_id=login.pk)
+        return QrLogin.objects.get(pk=login.pk)
 
     def _show_qr(self, login: QrLogin, *, tty: bool) -> Path | None:
         """Print the QR code (or where its picture was saved); the picture's path, if any."""
