@@ -211,6 +211,13 @@ BAOMING_RUN_LOCK_TTL = env_int("BAOMING_RUN_LOCK_TTL", 600, minimum=10)
 # gives the run up as abandoned (and alerts).
 BAOMING_SWEEP_GRACE_SECONDS = env_int("BAOMING_SWEEP_GRACE_SECONDS", 180, minimum=10)
 BAOMING_SWEEP_MAX_REDISPATCHES = env_int("BAOMING_SWEEP_MAX_REDISPATCHES", 3, minimum=1)
+# A QR-code login (add a token by scanning) gives up after this many seconds without a scan.
+BAOMING_QR_TIMEOUT = env_int("BAOMING_QR_TIMEOUT", 180, minimum=30)
+if BAOMING_QR_TIMEOUT > 3600:
+    raise ImproperlyConfigured(f"BAOMING_QR_TIMEOUT must be at most 3600 seconds, got {BAOMING_QR_TIMEOUT}")
+# BAOMING_API_BASE is the bundled fake (``start --demo``): the admin's scan page offers a
+# "scan it for me" button that calls the fake's control endpoint. Honoured only for a loopback host.
+BAOMING_API_IS_FAKE = env_bool("BAOMING_API_IS_FAKE", False)
 
 # --- Seat leases (DESIGN §4-§7) -----------------------------------------------------------------
 LEASE_PROVIDER_TIMEOUT = env_float("LEASE_PROVIDER_TIMEOUT", 10.0, minimum=0, exclusive_minimum=True)

@@ -77,6 +77,7 @@ def test_encrypted_columns_are_found_by_walking_the_models():
 
     assert {(column.label, column.fingerprints) for column in encrypted_columns()} == {
         ("tokens.BaomingToken.token", ("fingerprint",)),
+        ("tokens.QrLogin.code", ()),
         ("leases.Team.api_token", ()),
     }
 

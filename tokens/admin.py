@@ -18,6 +18,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from leasesite.crypto import fingerprint_secret
+from tokens.admin_qr import QrLoginViews
 from tokens.models import BaomingToken, RefreshRun, RunTrigger, TokenDeletion
 from tokens.selectors import token_by_plaintext, tokens_last_activity
 from tokens.services.refresh import REFRESH_LOCK_NAME
@@ -162,7 +163,7 @@ class BaomingTokenAdmin(admin.ModelAdmin):
             self.admin_site.admin_view(self.find_by_token_view),
             name=f"{self.opts.app_label}_{self.opts.model_name}_find",
         )
-        return [find, *super().get_urls()]
+        return [find, *QrLoginViews(self).urls(), *super().get_urls()]
 
     def find_by_token_view(self, request: HttpRequest) -> HttpResponse:
         """ "按 Token 查找": the token travels in a POST body (CSRF-protected by admin_view), and

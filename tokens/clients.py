@@ -8,9 +8,12 @@ contains the plaintext token.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import json
+import re
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -193,6 +196,44 @@ class BaomingClient:
     def close(self) -> None:
         self.session.close()
 
+    # --- QR login (DESIGN §3): pc_code and pc_login ------------------------------------------
+
+    def qr_code(self) -> QrCodeAnswer:
+        """``GET pc_code``: a new QR code to show and its login code.
+
+        Raises ``QrCodeError`` (``refused`` when the upstream said no in a JSON answer,
+        otherwise a transient failure worth another try)."""
+        response, error = self._qr_get(QR_CODE_PATH, params=None)
+        if response is None:
+            raise QrCodeError(error)
+        return parse_qr_code_answer(response.status_code, response.content)
+
+    def qr_login_poll(self, code: str) -> QrPollResult:
+        """``GET pc_login`` once. Never raises: no answer, or a garbled one, is ``NO_ANSWER``."""
+        response, error = self._qr_get(QR_LOGIN_PATH, params={"code": code, "source": "h5"})
+        if response is None:
+            return QrPollResult(QrPollOutcome.NO_ANSWER, error)
+        return classify_qr_login_answer(response.status_code, response.content)
+
+    def _qr_get(self, path: str, *, params: dict[str, str] | None) -> tuple[requests.Response | None, str]:
+        """One GET; (response, "") or (None, why not). The reason never holds the URL (the login
+        code travels in it)."""
+        try:
+            response = self.session.get(
+                self.base_url + path,
+                params=params,
+                timeout=(min(self.timeout, 5.0), self.timeout),
+                allow_redirects=False,
+            )
+            response.content  # noqa: B018 - read the body inside the try: a reset mid-body is a connection error
+        except requests.Timeout:
+            return None, "timeout"
+        except requests.ConnectionError as exc:
+            return None, _connection_error_reason(exc)
+        except requests.RequestException as exc:
+            return None, f"request error: {type(exc).__name__}"
+        return response, ""
+
 
 @lru_cache(maxsize=4)
 def _cached_client(base_url: str, probe_eid: str, timeout: float, pool_size: int) -> BaomingClient:
@@ -207,3 +248,214 @@ def get_baoming_client() -> BaomingClient:
         settings.BAOMING_TIMEOUT,
         settings.BAOMING_CONCURRENCY,
     )
+
+
+# --- QR login answers (DESIGN §3, UPSTREAM.md) ------------------------------------------------
+# Everything unexpected is "no answer" (keep waiting until the login expires), never a crash;
+# only a JSON answer with another ``sta`` ends a login early.
+
+QR_CODE_PATH = "/xcx/enroll_web/v1/pc_code"
+QR_LOGIN_PATH = "/xcx/enroll_web/v1/pc_login"
+QR_WAIT_MESSAGE = "please wait"
+MAX_QR_ANSWER_BYTES = 2_000_000  # a data:image picture is a few kilobytes
+MAX_QR_TEXT_BYTES = 2000  # a QR code (error correction M) holds up to 2331 bytes
+MAX_LOGIN_CODE_CHARS = 500
+MAX_IDENTITY_CHARS = 100  # BaomingToken.user_name / unionid
+MAX_AVATAR_URL_CHARS = 500  # BaomingToken.avatar_url
+_ACCESS_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+_DATA_IMAGE = re.compile(r"^data:image/(png|jpeg|jpg|gif|webp|bmp);base64,([A-Za-z0-9+/=\s]+)$", re.IGNORECASE)
+_IMAGE_MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"GIF8": "gif"}
+
+
+class QrCodeError(Exception):
+    """``pc_code`` gave no QR code. ``refused``: the upstream said no (a JSON answer with another
+    ``sta``); otherwise it could not be reached or answered garbage (try again)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.refused = refused
+
+
+@dataclass(frozen=True)
+class QrCodeAnswer:
+    qrcode: str  # a URL (or other text) to encode, or a data:image/...;base64 picture to show as is
+    code: str = dataclasses.field(repr=False)  # collects the token: a secret
+
+    @property
+    def is_picture(self) -> bool:
+        return self.qrcode.startswith("data:image/")
+
+
+class QrPollOutcome(enum.StrEnum):
+    WAITING = "waiting"  # not scanned yet
+    LOGGED_IN = "logged_in"
+    REFUSED = "refused"  # expired or refused by the upstream: start again
+    NO_ANSWER = "no_answer"  # network error, 5xx, 429, garbage: keep waiting
+
+
+@dataclass(frozen=True)
+class QrIdentity:
+    """Who logged in: the new token and the WeChat identity beside it."""
+
+    access_token: str = dataclasses.field(repr=False)
+    uname: str = ""
+    pic: str = ""
+    unionid: str | None = None
+
+
+@dataclass(frozen=True)
+class QrPollResult:
+    outcome: QrPollOutcome
+    message: str
+    identity: QrIdentity | None = None
+
+
+def _clean_text(value: object, *, limit: int) -> str:
+    """A display string from an answer field: control characters dropped, trimmed, capped."""
+    if not isinstance(value, str):
+        return ""
+    text = "".join(char for char in value if char.isprintable() or char == " ").strip()
+    return text[:limit]
+
+
+def _http_url(value: object, *, limit: int) -> str:
+    if not isinstance(value, str):
+        return ""
+    value = value.strip()
+    if len(value) > limit or not value.lower().startswith(("http://", "https://")):
+        return ""
+    if any(char.isspace() or not char.isprintable() for char in value):
+        return ""
+    return value
+
+
+def _picture_from_base64(text: str) -> str | None:
+    """A bare base64 PNG/JPEG/GIF (older web clients got the picture without the data: prefix)."""
+    if len(text) < 16 or not re.fullmatch(r"[A-Za-z0-9+/=\s]+", text):
+        return None
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    for magic, kind in _IMAGE_MAGIC.items():
+        if raw.startswith(magic):
+            return f"data:image/{kind};base64,{base64.b64encode(raw).decode()}"
+    return None
+
+
+def normalize_qrcode(value: object) -> str | None:
+    """``data.qrcode`` as something we can show: a checked ``data:image`` picture, an http(s) URL
+    or other short text to encode; None when it is neither."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    match = _DATA_IMAGE.fullmatch(value)
+    if match:
+        payload = "".join(match.group(2).split())
+        try:
+            base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        kind = match.group(1).lower()
+        return f"data:image/{'jpeg' if kind == 'jpg' else kind};base64,{payload}"
+    if value.lower().startswith("data:"):
+        return None  # a data: URL that is not a picture we show
+    picture = _picture_from_base64(value)
+    if picture is not None:
+        return picture
+    if len(value.encode()) > MAX_QR_TEXT_BYTES or any(not char.isprintable() for char in value):
+        return None
+    return value
+
+
+def _json_object(body: bytes) -> dict | None:
+    if len(body) > MAX_QR_ANSWER_BYTES:
+        return None
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _sta(payload: dict) -> int | None:
+    sta = payload.get("sta")
+    return sta if isinstance(sta, int) and not isinstance(sta, bool) else None
+
+
+def _answer_ok(payload: dict, msg: str) -> bool:
+    sta = _sta(payload)
+    return sta == 0 or (sta is None and "sta" not in payload and msg.strip().lower() == "ok")
+
+
+def parse_qr_code_answer(status: int, body: bytes) -> QrCodeAnswer:
+    """Pure parsing of a ``pc_code`` answer; raises ``QrCodeError``."""
+    if status != 200:
+        raise QrCodeError(f"HTTP {status}")
+    payload = _json_object(body)
+    if payload is None:
+        raise QrCodeError(f"HTTP {status}: answer is not a JSON object")
+    msg = payload.get("msg") if isinstance(payload.get("msg"), str) else ""
+    if THROTTLE_MARKER in msg:
+        raise QrCodeError(_short(msg))
+    if not _answer_ok(payload, msg):
+        sta = _sta(payload)
+        if sta is None:
+            raise QrCodeError("unexpected answer: no integer sta")
+        raise QrCodeError(f"sta={sta}: {_short(msg)}".rstrip(": "), refused=True)
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise QrCodeError("unexpected answer: no data")
+    qrcode = normalize_qrcode(data.get("qrcode"))
+    code = data.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        code = str(code)
+    if qrcode is None:
+        raise QrCodeError("unexpected answer: data.qrcode is neither a picture nor text to encode")
+    if not isinstance(code, str) or not code.strip() or len(code) > MAX_LOGIN_CODE_CHARS:
+        raise QrCodeError("unexpected answer: no usable data.code")
+    if any(char.isspace() or not char.isprintable() for char in code.strip()):
+        raise QrCodeError("unexpected answer: no usable data.code")
+    return QrCodeAnswer(qrcode=qrcode, code=code.strip())
+
+
+def parse_qr_identity(data: object) -> QrIdentity | None:
+    """``data`` of a logged-in ``pc_login`` answer; None without a well-formed access token."""
+    if not isinstance(data, dict):
+        return None
+    token = data.get("access_token")
+    if not isinstance(token, str) or not _ACCESS_TOKEN.fullmatch(token.strip().lower()):
+        return None
+    unionid = _clean_text(data.get("unionid"), limit=MAX_IDENTITY_CHARS + 1)
+    if len(unionid) > MAX_IDENTITY_CHARS or any(char.isspace() for char in unionid):
+        unionid = ""  # not an id we can key on: keep the token, skip the identity
+    return QrIdentity(
+        access_token=token.strip().lower(),
+        uname=_clean_text(data.get("uname"), limit=MAX_IDENTITY_CHARS),
+        pic=_http_url(data.get("pic"), limit=MAX_AVATAR_URL_CHARS),
+        unionid=unionid or None,
+    )
+
+
+def classify_qr_login_answer(status: int, body: bytes) -> QrPollResult:
+    """Pure classification of one ``pc_login`` answer (its message never holds the token)."""
+    if status != 200:
+        return QrPollResult(QrPollOutcome.NO_ANSWER, f"HTTP {status}")
+    payload = _json_object(body)
+    if payload is None:
+        return QrPollResult(QrPollOutcome.NO_ANSWER, f"HTTP {status}: answer is not a JSON object")
+    msg = payload.get("msg") if isinstance(payload.get("msg"), str) else ""
+    sta = _sta(payload)
+    if THROTTLE_MARKER in msg:
+        return QrPollResult(QrPollOutcome.NO_ANSWER, _short(msg))
+    if sta == -1 or msg.strip().lower() == QR_WAIT_MESSAGE:
+        return QrPollResult(QrPollOutcome.WAITING, _short(msg) or QR_WAIT_MESSAGE)
+    if _answer_ok(payload, msg):
+        identity = parse_qr_identity(payload.get("data"))
+        if identity is None:
+            return QrPollResult(QrPollOutcome.NO_ANSWER, "logged in, but the answer holds no valid access_token")
+        return QrPollResult(QrPollOutcome.LOGGED_IN, "ok", identity)
+    if sta is None:
+        return QrPollResult(QrPollOutcome.NO_ANSWER, "unexpected answer: no integer sta")
+    return QrPollResult(QrPollOutcome.REFUSED, f"sta={sta}: {_short(msg)}".rstrip(": "))

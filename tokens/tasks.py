@@ -12,6 +12,7 @@ from django.utils.translation import gettext as _
 from leasesite.notify import alert_send
 from tokens.models import RunTrigger
 from tokens.services.cleanup import token_cleanup_run
+from tokens.services.qrlogin import QR_POLL_INTERVAL_SECONDS, qr_login_tick
 from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_batch, token_refresh_start
 from tokens.services.runs import InvalidRunArguments
 from tokens.services.sweeper import refresh_runs_sweep
@@ -81,3 +82,15 @@ def cleanup_tokens(days: int = 30, trigger: str = RunTrigger.BEAT) -> int | None
 def sweep_runs() -> None:
     """Re-send lost batches of live refresh runs; close runs nobody works any more."""
     refresh_runs_sweep(dispatch=_dispatch_batch)
+
+
+def _schedule_qr_poll(login_id: str, tick: int) -> None:
+    qr_login_poll.apply_async(args=[login_id], kwargs={"tick": tick}, countdown=QR_POLL_INTERVAL_SECONDS)
+
+
+@shared_task(name="tokens.qr_login_poll", ignore_result=True)
+def qr_login_poll(login_id: str, tick: int = 0) -> None:
+    """One step of a QR login (fetch the code, or poll ``pc_login`` once), then the next tick in
+    about a second while the login is open. Short steps, not a loop, so a single worker keeps
+    serving refresh batches meanwhile; a duplicate message finds its tick taken and does nothing."""
+    qr_login_tick(login_id=login_id, tick=tick, schedule_next=_schedule_qr_poll)

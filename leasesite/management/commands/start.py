@@ -42,6 +42,7 @@ class Command(BaseCommand):
         if options["demo"]:
             env["DATABASE_URL"] = f"sqlite:///{Path(settings.VAR_DIR) / 'demo.sqlite3'}"
             env["BAOMING_API_BASE"] = f"http://127.0.0.1:{DEMO_UPSTREAM_PORT}"
+            env["BAOMING_API_IS_FAKE"] = "true"  # the admin's scan page may "scan" the fake's QR codes
             env.setdefault("BAOMING_RATE_LIMIT", "5")
             env["DEMO_PROVIDER_PORT"] = str(DEMO_PROVIDER_PORT)
             # Re-run the setup steps against the demo database in a child with that environment.

@@ -49,6 +49,10 @@ class Command(BaseCommand):
             self.stdout.write(f"seeded {BaomingToken.objects.count()} demo tokens (every 6th one is invalid)")
         refresh_tokens.delay(max_age_days=None, trigger="admin")
         self.stdout.write("queued a first refresh run: see Admin → refresh runs")
+        self.stdout.write(
+            "add a token by scanning: Admin → 报名工具 tokens → 扫码添加 Token, then 模拟扫码 (demo) "
+            "plays the WeChat scan"
+        )
         self._seed_demo_leases()
 
     def _seed_demo_leases(self) -> None:
