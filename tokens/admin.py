@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django import forms
 from django.contrib import admin, messages
@@ -85,11 +85,11 @@ class HealthFilter(admin.SimpleListFilter):
         return queryset
 
 
-def _minute(value) -> str:
+def _minute(value: datetime | None) -> str:
     return timezone.localtime(value).strftime("%Y-%m-%d %H:%M") if value else "-"
 
 
-def health_since(token: BaomingToken):
+def health_since(token: BaomingToken) -> datetime | None:
     """When the token's current suspect or failing streak started (None while valid)."""
     match token.health:
         case TokenHealth.SUSPECT:
