@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -176,7 +177,30 @@ DJANGO_CELERY_BEAT_TZ_AWARE = True
 BAOMING_API_BASE = (
     env_str("BAOMING_API_BASE", "https://api-xcx-qunsou.weiyoubot.cn") or "https://api-xcx-qunsou.weiyoubot.cn"
 ).rstrip("/")
-BAOMING_PROBE_EID = env_str("BAOMING_PROBE_EID")
+# The keep-alive call, exactly as the old refresh tool made it (its ``get_enroll_detail``):
+# GET {BAOMING_API_BASE}{BAOMING_PROBE_PATH}?eid={BAOMING_PROBE_EID}&access_token=...&referer=&spider=h5
+BAOMING_PROBE_PATH = env_str("BAOMING_PROBE_PATH") or "/xcx/enroll/v3/detail"
+if not re.fullmatch(r"/[^\s?#]*", BAOMING_PROBE_PATH):
+    raise ImproperlyConfigured(
+        "BAOMING_PROBE_PATH must start with / and hold no spaces, ? or # (a path such as "
+        f"/xcx/enroll/v3/detail), got {BAOMING_PROBE_PATH!r}"
+    )
+BAOMING_PROBE_EID = env_str("BAOMING_PROBE_EID") or "69844bcf8eaa2449c7a37fae"
+if not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", BAOMING_PROBE_EID):
+    raise ImproperlyConfigured(
+        f"BAOMING_PROBE_EID must be an event id of letters, digits, _ or - (at most 64), got {BAOMING_PROBE_EID!r}"
+    )
+# A failing answer whose message holds one of these words (compared in lower case) is "suspect":
+# probably logged out. BAOMING_SUSPECT_LIMIT of them in a row, spanning at least an hour, delete
+# the token (DESIGN §3). Empty: no answer is suspect (such answers are transient failures).
+BAOMING_SUSPECT_MESSAGES = list(
+    dict.fromkeys(
+        word.lower() for word in env_list("BAOMING_SUSPECT_MESSAGES", ["登录", "过期", "失效", "无效", "token"])
+    )
+)
+BAOMING_SUSPECT_LIMIT = env_int("BAOMING_SUSPECT_LIMIT", 3, minimum=2)
+# Checks kept per token (the console's history of a token; older ones are deleted as new ones come).
+TOKEN_HISTORY_PER_TOKEN = env_int("TOKEN_HISTORY_PER_TOKEN", 50, minimum=1)
 BAOMING_RATE_LIMIT = env_float("BAOMING_RATE_LIMIT", 1.0, minimum=0, exclusive_minimum=True)
 BAOMING_CONCURRENCY = env_int("BAOMING_CONCURRENCY", 8, minimum=1)
 BAOMING_TIMEOUT = env_float("BAOMING_TIMEOUT", 10.0, minimum=0, exclusive_minimum=True)

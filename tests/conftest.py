@@ -39,7 +39,13 @@ class Upstream:
         token = request.args.get("access_token", "")
         with self._lock:
             self.requests.append(
-                {"token": token, "args": dict(request.args), "at": time.monotonic(), "path": request.path}
+                {
+                    "token": token,
+                    "args": dict(request.args),
+                    "query": request.query_string.decode(),
+                    "at": time.monotonic(),
+                    "path": request.path,
+                }
             )
             answer = self.answers.get(token, ok)
             if isinstance(answer, list):
@@ -67,7 +73,7 @@ def upstream(settings) -> Iterator[Upstream]:
     server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
     server.start()
     fake = Upstream(server)
-    server.expect_request("/xcx/enroll/v2/detail").respond_with_handler(fake.handle)
+    server.expect_request("/xcx/enroll/v3/detail").respond_with_handler(fake.handle)
     settings.BAOMING_API_BASE = fake.url
     from tokens.clients import _cached_client
 

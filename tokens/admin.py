@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django import forms
 from django.contrib import admin, messages
@@ -13,14 +13,16 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from leasesite.crypto import fingerprint_secret
 from tokens.admin_qr import QrLoginViews
-from tokens.models import BaomingToken, RefreshRun, RunTrigger, TokenDeletion
-from tokens.selectors import token_by_plaintext, tokens_last_activity
+from tokens.models import BaomingToken, CheckOutcomeChoice, RefreshRun, RunTrigger, TokenDeletion, TokenHealth
+from tokens.selectors import token_by_plaintext, token_recent_checks, tokens_last_activity, tokens_with_health
 from tokens.services.refresh import REFRESH_LOCK_NAME
 from tokens.services.tokens import TOKEN_PATTERN, tokens_delete_by_operator
 
@@ -69,6 +71,72 @@ class FailureFilter(admin.SimpleListFilter):
             case "3":
                 return queryset.filter(consecutive_failures__gte=3)
         return queryset
+
+
+class HealthFilter(admin.SimpleListFilter):
+    title = _("health")
+    parameter_name = "health"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return list(TokenHealth.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() in TokenHealth.values:
+            return tokens_with_health(queryset, self.value())
+        return queryset
+
+
+def _minute(value: datetime | None) -> str:
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def health_since(token: BaomingToken) -> datetime | None:
+    """When the token's current suspect or failing streak started (None while valid)."""
+    match token.health:
+        case TokenHealth.SUSPECT:
+            return token.suspect_since
+        case TokenHealth.FAILING:
+            return token.failing_since
+    return None
+
+
+def render_recent_checks(token_pk: int) -> SafeString:
+    """A token's recent checks as a read-only table (one query), newest first, each run linked."""
+    checks = token_recent_checks(token_pk=token_pk)
+    if not checks:
+        return format_html("<p>{}</p>", _("No checks recorded yet."))
+
+    def run_link(run_id: int | None) -> SafeString | str:
+        if run_id is None:
+            return "-"
+        return format_html('<a href="{}">#{}</a>', reverse("admin:tokens_refreshrun_change", args=[run_id]), run_id)
+
+    rows = format_html_join(
+        "",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                timezone.localtime(check.checked_at).strftime("%Y-%m-%d %H:%M:%S"),
+                CheckOutcomeChoice(check.outcome).label
+                if check.outcome in CheckOutcomeChoice.values
+                else check.outcome,
+                check.message or "-",
+                check.http_status or "-",
+                run_link(check.run_id),
+            )
+            for check in checks
+        ),
+    )
+    return format_html(
+        '<table class="recent-checks"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>'
+        "</thead><tbody>{}</tbody></table>",
+        _("checked at"),
+        _("outcome"),
+        _("message"),
+        _("HTTP status"),
+        _("run"),
+        rows,
+    )
 
 
 class BaomingTokenForm(forms.ModelForm):
@@ -126,22 +194,32 @@ class BaomingTokenAdmin(admin.ModelAdmin):
         "card_name",
         "user_name",
         "masked_token_display",
+        "health_display",
+        "health_since_display",
+        "suspect_count",
+        "last_error_display",
         "last_used",
         "last_checked_at",
         "consecutive_failures",
         "created_at",
     )
-    list_filter = (LastUsedFilter, FailureFilter)
+    list_filter = (HealthFilter, LastUsedFilter, FailureFilter)
     search_fields = ("card_name", "user_name")
     ordering = ("card_name", "id")
     readonly_fields = (
         "masked_token_display",
+        "health_display",
+        "health_since_display",
+        "failing_since",
+        "suspect_count",
+        "suspect_since",
+        "last_error",
         "created_at",
         "last_used",
         "last_checked_at",
         "last_answered_at",
         "consecutive_failures",
-        "last_error",
+        "recent_checks",
     )
     actions = ["refresh_now", "delete_with_audit"]
     list_per_page = 100
@@ -150,6 +228,22 @@ class BaomingTokenAdmin(admin.ModelAdmin):
     @admin.display(description=_("token"))
     def masked_token_display(self, obj: BaomingToken) -> str:
         return obj.masked_token
+
+    @admin.display(description=_("health"))
+    def health_display(self, obj: BaomingToken) -> str:
+        return TokenHealth(obj.health).label
+
+    @admin.display(description=_("since"))
+    def health_since_display(self, obj: BaomingToken) -> str:
+        return _minute(health_since(obj))
+
+    @admin.display(description=_("last message"), ordering="last_error")
+    def last_error_display(self, obj: BaomingToken) -> str:
+        return Truncator(obj.last_error).chars(60) or "-"
+
+    @admin.display(description=_("recent checks"))
+    def recent_checks(self, obj: BaomingToken) -> SafeString:
+        return render_recent_checks(obj.pk)
 
     def get_fields(self, request: HttpRequest, obj: BaomingToken | None = None) -> list[str]:
         fields = ["card_name", "user_name", "token"]
@@ -301,3 +395,8 @@ class TokenDeletionAdmin(ReadOnlyAdmin):
     list_select_related = ("run", "actor")
     raw_id_fields = ("run", "actor")
     date_hierarchy = "deleted_at"
+    readonly_fields = ("recent_checks",)
+
+    @admin.display(description=_("the token's last checks"))
+    def recent_checks(self, obj: TokenDeletion) -> SafeString:
+        return render_recent_checks(obj.token_pk)

@@ -19,6 +19,7 @@ RULE = "=" * 60
 OUTCOME_LABELS = {
     CheckOutcome.VALID: "有效，已刷新",
     CheckOutcome.INVALID: "无效 (invalid access_token)",
+    CheckOutcome.SUSPECT: "可疑，可能已退出登录",
     CheckOutcome.RATE_LIMITED: "请求过于频繁，稍后重试",
     CheckOutcome.TRANSIENT: "失败",
 }
@@ -72,7 +73,7 @@ def log_token_line(
     message: str,
 ) -> None:
     label = OUTCOME_LABELS[outcome]
-    if outcome == CheckOutcome.TRANSIENT or (outcome == CheckOutcome.RATE_LIMITED and message):
+    if outcome in (CheckOutcome.TRANSIENT, CheckOutcome.SUSPECT) or (outcome == CheckOutcome.RATE_LIMITED and message):
         label = f"{label}: {message}"
     level = logging.INFO if outcome == CheckOutcome.VALID else logging.WARNING
     logger.log(

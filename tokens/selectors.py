@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.db.models import F, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from leasesite.crypto import fingerprint_secret
-from tokens.models import LIVE_RUN_STATUSES, BaomingToken, RefreshRun, RunKind, RunStatus
+from tokens.models import (
+    LIVE_RUN_STATUSES,
+    BaomingToken,
+    RefreshRun,
+    RunKind,
+    RunStatus,
+    TokenCheckRecord,
+    TokenHealth,
+)
 
 
 def tokens_last_activity() -> Coalesce:
@@ -66,3 +75,24 @@ def runs_latest_finished(*, kind: str = RunKind.REFRESH) -> RefreshRun | None:
         .order_by("-started_at", "-id")
         .first()
     )
+
+
+def tokens_with_health(queryset: QuerySet[BaomingToken], health: str) -> QuerySet[BaomingToken]:
+    """The tokens of ``queryset`` whose ``BaomingToken.health`` is ``health`` (same rules, in SQL)."""
+    if health == TokenHealth.SUSPECT:
+        return queryset.filter(suspect_count__gt=0)
+    healthy_streaks = queryset.filter(suspect_count=0)
+    if health == TokenHealth.FAILING:
+        return healthy_streaks.filter(consecutive_failures__gt=0)
+    if health == TokenHealth.UNCHECKED:
+        return healthy_streaks.filter(consecutive_failures=0, last_checked_at__isnull=True)
+    if health == TokenHealth.VALID:
+        return healthy_streaks.filter(consecutive_failures=0, last_checked_at__isnull=False)
+    return queryset
+
+
+def token_recent_checks(*, token_pk: int, limit: int | None = None) -> list[TokenCheckRecord]:
+    """A token's newest checks first (also of a deleted token: history is keyed by its id)."""
+    limit = limit or settings.TOKEN_HISTORY_PER_TOKEN
+    fields = ("id", "token_pk", "run_id", "checked_at", "outcome", "message", "http_status")
+    return list(TokenCheckRecord.objects.filter(token_pk=token_pk).order_by("-checked_at", "-id").only(*fields)[:limit])

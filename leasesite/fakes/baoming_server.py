@@ -1,7 +1,9 @@
 """A real HTTP server that plays the 报名工具 API, for the demo and the benchmarks.
 
-Answers ``GET /xcx/enroll/v2/detail`` like the upstream: ``{"sta": 0, "msg": "ok"}`` for a
-known token, ``{"sta": -1, "msg": "invalid access_token"}`` for a token listed as invalid. It can
+Answers the keep-alive call ``GET /xcx/enroll/v3/detail?eid=...&access_token=...&referer=&spider=h5``
+like the upstream does for the old tool's event: ``{"sta": 0, "msg": "未找到已有报名记录", "data": null}``
+for a known token (valid, not enrolled), ``{"sta": -1, "msg": "invalid access_token"}`` for a token
+listed as invalid, and a business error when ``eid`` or ``spider=h5`` is missing. It can
 add latency, enforce a rate limit (answering the upstream's throttle message) and records when each
 request arrived, so a benchmark can prove the shared limit was never exceeded.
 
@@ -93,17 +95,21 @@ def make_handler(state: FakeBaomingState) -> type[BaseHTTPRequestHandler]:
             if state.latency:
                 time.sleep(state.latency)
             url = urlsplit(self.path)
-            if url.path != "/xcx/enroll/v2/detail":
+            if url.path != "/xcx/enroll/v3/detail":
                 self._send(404, {"sta": -1, "msg": "not found", "data": None})
                 return
             if not allowed:
                 self._send(200, {"sta": -1, "msg": "请求过于频繁，请稍后重试", "data": None})
                 return
-            token = parse_qs(url.query).get("access_token", [""])[0]
+            query = parse_qs(url.query, keep_blank_values=True)
+            token = query.get("access_token", [""])[0]
             if not token or state.is_invalid(token):
                 self._send(200, {"sta": -1, "msg": "invalid access_token", "data": None})
                 return
-            self._send(200, {"sta": 0, "msg": "ok", "data": {"title": "演示活动", "start_time": 1700000000}})
+            if not query.get("eid", [""])[0] or query.get("spider", [""])[0] != "h5":
+                self._send(200, {"sta": -1, "msg": "参数错误", "data": None})
+                return
+            self._send(200, {"sta": 0, "msg": "未找到已有报名记录", "data": None})
 
     return Handler
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -9,7 +10,7 @@ import pytest
 from werkzeug.wrappers import Response
 
 from tests.conftest import invalid, json_answer, new_token_value, ok, server_error, throttled
-from tokens.clients import BaomingClient, CheckOutcome, classify_response, parse_retry_after
+from tokens.clients import BaomingClient, CheckOutcome, classify_response, get_baoming_client, parse_retry_after
 
 
 @pytest.fixture
@@ -31,17 +32,49 @@ def test_ok_answer_is_valid(upstream, client):
     assert result.http_status == 200
 
 
-def test_probe_sends_token_and_eid(upstream, settings):
-    client = BaomingClient(base_url=upstream.url, probe_eid="E123", timeout=0.5)
+def test_the_probe_is_the_old_tools_call_exactly(upstream):
+    """GET /xcx/enroll/v3/detail?eid=69844bcf8eaa2449c7a37fae&access_token=...&referer=&spider=h5,
+    as the old tool's ``get_enroll_detail`` made it (the defaults of the settings)."""
     token = new_token_value()
-    client.check_token(token)
-    assert upstream.requests[-1]["path"] == "/xcx/enroll/v2/detail"
-    assert upstream.requests[-1]["args"] == {"access_token": token, "eid": "E123"}
+    result = get_baoming_client().check_token(token)
+    assert result.outcome == CheckOutcome.VALID
+    request = upstream.requests[-1]
+    assert request["path"] == "/xcx/enroll/v3/detail"
+    assert request["args"] == {
+        "eid": "69844bcf8eaa2449c7a37fae",
+        "access_token": token,
+        "referer": "",
+        "spider": "h5",
+    }
+    assert "referer=&" in request["query"] + "&"  # sent, and empty
 
 
-def test_without_probe_eid_no_eid_parameter(upstream, client):
-    client.check_token(new_token_value())
-    assert "eid" not in upstream.requests[-1]["args"]
+def test_probe_path_and_eid_come_from_the_settings(upstream, settings):
+    upstream.server.expect_request("/xcx/enroll/v4/detail").respond_with_handler(upstream.handle)
+    settings.BAOMING_PROBE_PATH = "/xcx/enroll/v4/detail"
+    settings.BAOMING_PROBE_EID = "E123"
+    token = new_token_value()
+    get_baoming_client().check_token(token)
+    assert upstream.requests[-1]["path"] == "/xcx/enroll/v4/detail"
+    assert upstream.requests[-1]["args"] == {"eid": "E123", "access_token": token, "referer": "", "spider": "h5"}
+
+
+def test_the_token_never_appears_in_logs_or_messages(upstream, caplog):
+    """urllib3 logs whole URLs at DEBUG (the token is a query parameter): with the project's
+    logging set-up every record reaches the log with the token masked, and what the client
+    returns never holds it, even when the upstream echoes it back."""
+    token = new_token_value()
+    upstream.answers[token] = json_answer({"sta": -1, "msg": f"登录已过期 access_token={token}"})
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="urllib3"):
+        result = get_baoming_client().check_token(token)
+    assert result.outcome == CheckOutcome.SUSPECT
+    assert token not in result.message and "登录已过期" in result.message
+    urls = [r for r in caplog.records if r.name.startswith("urllib3") and "/xcx/enroll/v3/detail" in r.getMessage()]
+    assert urls  # urllib3 did log the request line
+    assert f"{token[:4]}…{token[-4:]}" in urls[0].getMessage()
+    for record in caplog.records:
+        assert token not in record.getMessage(), record.name
+    assert token not in caplog.text
 
 
 def test_invalid_access_token_message_is_invalid(upstream, client):
@@ -110,14 +143,89 @@ def test_non_json_is_transient(upstream, client):
         "ok",
         {"msg": "ok", "sta": "0"},
         {"msg": "ok", "sta": True},
-        {"msg": 5, "sta": 0},
         {"sta": 1, "msg": "报名未开始"},
+        {"sta": -1, "msg": "活动名额已满"},
+        {"sta": -1, "msg": ["登录已过期"]},
         {"data": {}},
         {},
     ],
 )
 def test_unexpected_json_shapes_are_transient(upstream, client, payload):
     assert check(upstream, client, json_answer(payload)).outcome == CheckOutcome.TRANSIENT
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"sta": 0, "msg": "未找到已有报名记录", "data": None},  # a valid token not enrolled in the event
+        {"sta": 0, "msg": "ok", "data": {"info_id": "", "title": "t"}},
+        {"sta": 0, "msg": "OK"},
+        {"sta": 0, "msg": ""},
+        {"sta": 0},
+        {"sta": 0, "msg": 5},
+        {"sta": 0, "msg": "登录已过期"},
+        {"sta": 0, "msg": "invalid access_token"},
+    ],
+)
+def test_sta_zero_is_valid_whatever_the_message(upstream, client, payload):
+    result = check(upstream, client, json_answer(payload))
+    assert (result.outcome, result.answered) == (CheckOutcome.VALID, True)
+
+
+def test_not_enrolled_answer_keeps_its_message(upstream, client):
+    result = check(upstream, client, json_answer({"sta": 0, "msg": "未找到已有报名记录", "data": None}))
+    assert result.message == "未找到已有报名记录"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"sta": -1, "msg": "登录已过期，请重新登录", "data": None},
+        {"sta": 1001, "msg": "请先登录"},
+        {"sta": -500, "msg": "Token expired"},  # compared case-insensitively, like the old tool
+        {"sta": -1, "msg": "凭证失效"},
+        {"sta": -1, "msg": "无效的用户"},
+        {"sta": -2, "msg": "会话过期"},
+    ],
+)
+def test_a_failing_answer_holding_a_suspect_word_is_suspect(upstream, client, payload):
+    result = check(upstream, client, json_answer(payload))
+    assert (result.outcome, result.answered) == (CheckOutcome.SUSPECT, True)
+    assert payload["msg"] in result.message
+
+
+def test_invalid_access_token_stays_invalid_though_it_holds_the_word_token(upstream, client):
+    for sta in (-1, -500):
+        result = check(upstream, client, json_answer({"sta": sta, "msg": "invalid access_token"}))
+        assert result.outcome == CheckOutcome.INVALID
+
+
+@pytest.mark.parametrize(
+    ("status", "payload"),
+    [
+        (403, {"sta": -1, "msg": "登录已过期"}),  # not an HTTP 200 answer: transient
+        (200, {"msg": "登录已过期"}),  # no sta
+        (200, {"sta": "-1", "msg": "登录已过期"}),  # sta not an integer
+    ],
+)
+def test_a_suspect_word_outside_a_200_answer_with_an_integer_sta_is_transient(upstream, client, status, payload):
+    assert check(upstream, client, json_answer(payload, status=status)).outcome == CheckOutcome.TRANSIENT
+
+
+def test_suspect_words_are_configurable(upstream, settings):
+    settings.BAOMING_SUSPECT_MESSAGES = ["会话结束"]
+    client = get_baoming_client()
+    logged_out, expired = new_token_value(), new_token_value()
+    upstream.answers[logged_out] = json_answer({"sta": -1, "msg": "会话结束，请重新扫码"})
+    upstream.answers[expired] = json_answer({"sta": -1, "msg": "登录已过期"})
+    assert client.check_token(logged_out).outcome == CheckOutcome.SUSPECT
+    assert client.check_token(expired).outcome == CheckOutcome.TRANSIENT
+
+
+def test_classification_takes_the_suspect_words():
+    body = b'{"sta": -1, "msg": "Session ENDED"}'
+    assert classify_response(200, {}, body, suspect_words=("session ended",)).outcome == CheckOutcome.SUSPECT
+    assert classify_response(200, {}, body, suspect_words=()).outcome == CheckOutcome.TRANSIENT
 
 
 def test_missing_sta_with_ok_message_is_valid():
@@ -153,6 +261,8 @@ def test_parse_retry_after_http_date():
         (200, b'{"sta": -1, "msg": "invalid access_token"}', True),
         (401, b"", True),
         (200, '{"sta": -1, "msg": "报名未开始"}'.encode(), True),  # a business answer
+        (200, '{"sta": 0, "msg": "未找到已有报名记录", "data": null}'.encode(), True),
+        (200, '{"sta": -1, "msg": "登录已过期"}'.encode(), True),  # suspect
         (200, '{"sta": -1, "msg": "请求过于频繁，请稍后重试"}'.encode(), False),
         (429, b"", False),
         (502, b"bad gateway", False),

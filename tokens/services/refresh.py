@@ -11,9 +11,12 @@ its message does nothing; whoever works it renews its claim, the run's lock and 
 life every few seconds — also while every check sleeps on a ``Retry-After`` — and records nothing
 once any of them is lost (the run was taken over, abandoned or interrupted).
 
-Deletion of tokens that answered "invalid" is deferred to the end of the run: only then is the
-whole run's share of invalid answers known, and the circuit breaker can keep them all when an
-upstream outage answers "invalid" for everything.
+Deletion of tokens that answered "invalid" — or whose suspect answers ("登录已过期") reached
+BAOMING_SUSPECT_LIMIT in a row over at least an hour — is deferred to the end of the run: only
+then is the whole run's share of such answers known, and the circuit breaker can keep them all
+when an upstream outage answers "invalid" (or "logged out") for everything.
+
+Each recorded batch also writes the per-token check history (``services.history``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -55,6 +59,7 @@ from tokens.models import (
 )
 from tokens.selectors import tokens_for_refresh
 from tokens.services.deletion import tokens_delete
+from tokens.services.history import token_history_record
 from tokens.services.runs import (
     REFRESH_LOCK_NAME,
     run_close,
@@ -68,6 +73,9 @@ logger = logging.getLogger(__name__)
 LOCK_RENEW_MAX_INTERVAL_SECONDS = 30.0
 STOP_POLL_SECONDS = 0.25  # how soon a requested stop (SIGTERM) is noticed while checks run
 BREAKER_KEPT_MESSAGE = "invalid answer ignored: circuit breaker tripped"
+BREAKER_KEPT_SUSPECT_MESSAGE = "suspect answers over the limit ignored: circuit breaker tripped"
+# A suspect streak deletes a token only when its first and last answers are this far apart.
+SUSPECT_MIN_SPAN = timedelta(hours=1)
 BREAKER_ALERT_KEY = "tokens:breaker"
 STOPPED_MESSAGE = "check not made: the batch was stopped"
 
@@ -361,12 +369,13 @@ def _collect_checks(
 
 
 def _record_checks(*, inflight: _BatchInFlight) -> bool:
-    """Write a batch's results with a few batched UPDATEs; False (nothing written) when the run
-    is no longer running or the batch is no longer ours."""
+    """Write a batch's results with a few batched UPDATEs and one history INSERT; False (nothing
+    written) when the run is no longer running or the batch is no longer ours."""
     run, batch = inflight.run, inflight.batch
     by_outcome: dict[CheckOutcome, list[int]] = defaultdict(list)
     failures_by_message: dict[tuple[str, bool], list[int]] = defaultdict(list)
     invalid_by_message: dict[str, list[int]] = defaultdict(list)
+    suspect_by_message: dict[str, list[int]] = defaultdict(list)
     throttled = 0
     for check in inflight.checks.values():
         outcome = check.result.outcome
@@ -378,6 +387,9 @@ def _record_checks(*, inflight: _BatchInFlight) -> bool:
             failures_by_message[(check.result.message[:500], check.result.answered)].append(check.token_id)
         elif outcome == CheckOutcome.INVALID:
             invalid_by_message[f"invalid: {check.result.message}"[:500]].append(check.token_id)
+        elif outcome == CheckOutcome.SUSPECT:
+            suspect_by_message[check.result.message[:500]].append(check.token_id)
+    suspect_ids = by_outcome[CheckOutcome.SUSPECT]
 
     now = timezone.now()
     with transaction.atomic():
@@ -391,35 +403,31 @@ def _record_checks(*, inflight: _BatchInFlight) -> bool:
         )
         if not done:
             return False
-        if not run.dry_run:
-            tokens = BaomingToken.objects
-            if by_outcome[CheckOutcome.VALID]:
-                tokens.filter(id__in=by_outcome[CheckOutcome.VALID]).update(
-                    last_used=now,
-                    last_checked_at=now,
-                    last_answered_at=now,
-                    consecutive_failures=0,
-                    last_error="",
-                    invalid_in_run=None,
-                )
-            for message, ids in invalid_by_message.items():
-                tokens.filter(id__in=ids).update(
-                    last_checked_at=now, last_answered_at=now, last_error=message, invalid_in_run=run.pk
-                )
-            for (message, answered), ids in failures_by_message.items():
-                tokens.filter(id__in=ids).update(
-                    last_checked_at=now,
-                    consecutive_failures=F("consecutive_failures") + 1,
-                    last_error=message,
-                    invalid_in_run=None,
-                    **({"last_answered_at": now} if answered else {}),
-                )
+        if run.dry_run:
+            # Nothing is written to tokens; count what this answer would have flagged.
+            suspect_flagged = (
+                _suspect_limit_reached(suspect_ids, now=now, unwritten_answers=1).count() if suspect_ids else 0
+            )
+        else:
+            suspect_flagged = _write_token_results(
+                run=run,
+                now=now,
+                valid_ids=by_outcome[CheckOutcome.VALID],
+                invalid_by_message=invalid_by_message,
+                suspect_by_message=suspect_by_message,
+                failures_by_message=failures_by_message,
+            )
+            token_history_record(
+                run=run, checked_at=now, checks=[(c.token_id, c.result) for c in inflight.checks.values()]
+            )
         checked = sum(len(ids) for ids in by_outcome.values())
+        # A suspect answer that reaches the limit counts as invalid (the token is deleted as
+        # such, and the breaker weighs it so); one below the limit counts as a failure.
         RefreshRun.objects.filter(pk=run.pk).update(
             total=F("total") + checked,
             ok=F("ok") + len(by_outcome[CheckOutcome.VALID]),
-            invalid=F("invalid") + len(by_outcome[CheckOutcome.INVALID]),
-            failed=F("failed") + len(by_outcome[CheckOutcome.TRANSIENT]),
+            invalid=F("invalid") + len(by_outcome[CheckOutcome.INVALID]) + suspect_flagged,
+            failed=F("failed") + len(by_outcome[CheckOutcome.TRANSIENT]) + len(suspect_ids) - suspect_flagged,
             rate_limited=F("rate_limited") + throttled,
             batches_done=F("batches_done") + 1,
             heartbeat_at=now,
@@ -427,13 +435,90 @@ def _record_checks(*, inflight: _BatchInFlight) -> bool:
     return True
 
 
+def _suspect_limit_reached(token_ids: list[int], *, now: datetime, unwritten_answers: int = 0) -> QuerySet:
+    """Tokens of ``token_ids`` whose suspect streak holds BAOMING_SUSPECT_LIMIT answers spanning at
+    least an hour — counting ``unwritten_answers`` more that a dry run did not write."""
+    return BaomingToken.objects.filter(
+        id__in=token_ids,
+        suspect_count__gte=settings.BAOMING_SUSPECT_LIMIT - unwritten_answers,
+        suspect_since__lte=now - SUSPECT_MIN_SPAN,
+    )
+
+
+def _write_token_results(
+    *,
+    run: RefreshRun,
+    now: datetime,
+    valid_ids: list[int],
+    invalid_by_message: dict[str, list[int]],
+    suspect_by_message: dict[str, list[int]],
+    failures_by_message: dict[tuple[str, bool], list[int]],
+) -> int:
+    """One UPDATE per outcome and message; returns how many suspect tokens reached the limit
+    (flagged for deletion at the end of the run, like invalid ones)."""
+    tokens = BaomingToken.objects
+    failing_since = Coalesce(F("failing_since"), Value(now))
+    if valid_ids:
+        # Any valid answer ends every streak.
+        tokens.filter(id__in=valid_ids).update(
+            last_used=now,
+            last_checked_at=now,
+            last_answered_at=now,
+            consecutive_failures=0,
+            last_error="",
+            invalid_in_run=None,
+            failing_since=None,
+            suspect_count=0,
+            suspect_since=None,
+        )
+    for message, ids in invalid_by_message.items():
+        # An explicit "invalid" ends the suspect streak too: the token goes as invalid (or, if
+        # the breaker trips, stays with that failure counted).
+        tokens.filter(id__in=ids).update(
+            last_checked_at=now,
+            last_answered_at=now,
+            last_error=message,
+            invalid_in_run=run.pk,
+            failing_since=failing_since,
+            suspect_count=0,
+            suspect_since=None,
+        )
+    for message, ids in suspect_by_message.items():
+        tokens.filter(id__in=ids).update(
+            last_checked_at=now,
+            last_answered_at=now,
+            consecutive_failures=F("consecutive_failures") + 1,
+            last_error=message,
+            invalid_in_run=None,
+            failing_since=failing_since,
+            suspect_count=F("suspect_count") + 1,
+            suspect_since=Coalesce(F("suspect_since"), Value(now)),
+        )
+    for (message, answered), ids in failures_by_message.items():
+        # Neither counts toward a suspect streak nor breaks it: no word about the token.
+        tokens.filter(id__in=ids).update(
+            last_checked_at=now,
+            consecutive_failures=F("consecutive_failures") + 1,
+            last_error=message,
+            invalid_in_run=None,
+            failing_since=failing_since,
+            **({"last_answered_at": now} if answered else {}),
+        )
+    suspect_ids = [token_id for ids in suspect_by_message.values() for token_id in ids]
+    if not suspect_ids:
+        return 0
+    return _suspect_limit_reached(suspect_ids, now=now).update(invalid_in_run=run.pk)
+
+
 # --- circuit breaker --------------------------------------------------------------------------
 
 
 def breaker_should_trip(*, ok: int, invalid: int) -> bool:
-    """More than BAOMING_BREAKER_THRESHOLD of the definitive answers say invalid, and at least
-    BAOMING_BREAKER_MIN_INVALID do — whatever the size of the run, so a small deployment or the
-    6-hourly subset run is protected too, while one dead token of one (or of three) is deleted."""
+    """More than BAOMING_BREAKER_THRESHOLD of the definitive answers would delete their token
+    (``invalid`` counts "invalid access_token" answers and suspect answers that reached the
+    limit together), and at least BAOMING_BREAKER_MIN_INVALID do — whatever the size of the run,
+    so a small deployment or the 6-hourly subset run is protected too, while one dead token of
+    one (or of three) is deleted."""
     if invalid < settings.BAOMING_BREAKER_MIN_INVALID:
         return False
     return invalid / (ok + invalid) > settings.BAOMING_BREAKER_THRESHOLD
@@ -458,8 +543,9 @@ def _evaluate_breaker(run_id: int) -> None:
         key=BREAKER_ALERT_KEY,
         title=_breaker_title(),
         body=_(
-            "Run #%(run)s: %(invalid)d of %(answers)d answers said 'invalid access_token' (more than "
-            "%(threshold)s). No token will be deleted by this run; check the upstream (and "
+            "Run #%(run)s: %(invalid)d of %(answers)d answers would delete their token ('invalid "
+            "access_token', or the last of a token's suspect answers such as '登录已过期'): more than "
+            "%(threshold)s. No token will be deleted by this run; check the upstream (and "
             "BAOMING_API_BASE) before the next run."
         )
         % {
@@ -663,9 +749,11 @@ def token_refresh_finalize(*, run_id: int) -> RefreshRun:
     if run.dry_run:
         deleted = 0 if run.breaker_tripped else run.invalid  # what it would have deleted
     elif run.breaker_tripped:
-        flagged.update(
+        # Suspect tokens had their failure counted when recorded; an invalid answer had not.
+        flagged.filter(suspect_count=0).update(
             invalid_in_run=None, consecutive_failures=F("consecutive_failures") + 1, last_error=BREAKER_KEPT_MESSAGE
         )
+        flagged.filter(suspect_count__gt=0).update(invalid_in_run=None, last_error=BREAKER_KEPT_SUSPECT_MESSAGE)
     else:
         last_renewal = time.monotonic()
 
@@ -678,7 +766,13 @@ def token_refresh_finalize(*, run_id: int) -> RefreshRun:
                 lock_renew(name=REFRESH_LOCK_NAME, owner=run.lock_owner, ttl_seconds=settings.BAOMING_RUN_LOCK_TTL)
                 last_renewal = time.monotonic()
 
-        deleted = tokens_delete(queryset=flagged, reason=DeletionReason.INVALID, run=run, on_deleted=log_deleted)
+        # An invalid answer resets the suspect streak, so flagged tokens with one reached its limit.
+        deleted = tokens_delete(
+            queryset=flagged.filter(suspect_count=0), reason=DeletionReason.INVALID, run=run, on_deleted=log_deleted
+        )
+        deleted += tokens_delete(
+            queryset=flagged.filter(suspect_count__gt=0), reason=DeletionReason.SUSPECT, run=run, on_deleted=log_deleted
+        )
     run.refresh_from_db()
     if run.breaker_tripped:
         status = RunStatus.TRIPPED
