@@ -126,8 +126,10 @@ def transfer_failed(
     )
 
 
-def expired(*, ends_at: datetime | None, team: Team) -> Event:
-    return _event(LeaseAction.EXPIRED, ends_at=_iso(ends_at), team=team.name)
+def expired(*, ends_at: datetime | None, team: Team, withdrawn_from: Team | None = None) -> Event:
+    """``withdrawn_from``: the team a transfer had invited the member to before the entitlement
+    ended (that invite was withdrawn)."""
+    return _event(LeaseAction.EXPIRED, ends_at=_iso(ends_at), team=team.name, withdrawn_from=_name(withdrawn_from))
 
 
 def cancel_requested(*, reason: str, claimed_by: str) -> Event:

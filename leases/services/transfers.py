@@ -344,6 +344,11 @@ def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
             lease = _load(lease.pk)
 
     lease = _checkpoint(lease.pk, owner)
+    withdrawn_from = None
+    if ending and lease.transfer_step == TransferStep.INVITED and lease.transfer_team is not None:
+        # The entitlement ended while the lease was moving: the invite already sent to the next
+        # team is withdrawn (and a seat there freed) before the lease ends; a failure retries.
+        withdrawn_from = _withdraw_before_expiry(lease)
     old_team = lease.team
     if old_team.is_dead:
         left = events.left_old_team(team=old_team, skipped="team is dead: the removal was skipped")
@@ -368,7 +373,7 @@ def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
                 claim=owner,
                 expect_from=[LeaseStatus.TRANSFERRING],
                 changes={**UNCLAIMED, "next_attempt_at": None, "last_error": ""},
-                **events.expired(ends_at=lease.ends_at, team=old_team),
+                **events.expired(ends_at=lease.ends_at, team=old_team, withdrawn_from=withdrawn_from),
             )
             return TransferOutcome(lease.pk, lease.email, "expired", old_team.name)
         new_team = lease.transfer_team
@@ -392,6 +397,13 @@ def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
             **events.transferred(from_team=old_team, to_team=new_team),
         )
     return TransferOutcome(lease.pk, lease.email, "transferred", f"{old_team.name} -> {new_team.name}")
+
+
+def _withdraw_before_expiry(lease: MemberLease) -> Team:
+    target, email = lease.transfer_team, lease.email
+    if not target.is_dead:  # a dead team cannot be reached; the orphan check lists what is left
+        _call(target, "invite withdrawal", lambda: seat_free(team=target, email=email))
+    return target
 
 
 def _withdraw_invite(lease: MemberLease, target: Team) -> dict:

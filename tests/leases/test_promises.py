@@ -345,3 +345,35 @@ def test_cancel_lease_command_refuses_bad_input_and_changes_nothing(make_team, m
     with pytest.raises(CommandError, match=message):
         call_command("cancel_lease", *argv)
     assert MemberLease.objects.get(pk=lease.pk).status == LeaseStatus.ACTIVE
+
+
+def test_an_entitlement_that_ends_mid_transfer_withdraws_the_invite_to_the_next_team(provider, make_team, make_lease):
+    """Found by the state-machine test: a transfer invites the member to the next team, the removal
+    from the old team fails, and before the retry the entitlement ends. The lease must expire
+    without leaving the member an invite (or a seat) in the team it was moving to."""
+    old = make_team("old")
+    make_team("new")
+    now = timezone.now()
+    lease = _seated(
+        provider,
+        old,
+        make_lease(
+            old,
+            LeaseStatus.ACTIVE,
+            joined_at=now - timedelta(days=31),
+            expires_at=now - timedelta(minutes=1),
+            ends_at=now + timedelta(days=1),
+        ),
+    )
+    provider.state.team("old").fail_next.append(TransientProviderError("down", status=503))
+    assert transfers_run(now=now).summary() == {"claimed": 1, "retry": 1}
+    assert lease.email in provider.state.team("new").invited_emails()
+
+    later = now + timedelta(days=2)  # past ends_at
+    assert transfers_run(now=later).summary() == {"claimed": 1, "expired": 1}
+    lease.refresh_from_db()
+    assert lease.status == LeaseStatus.EXPIRED
+    new_fake = provider.state.team("new")
+    assert lease.email not in new_fake.invited_emails() and lease.email not in new_fake.member_emails()
+    assert lease.email not in provider.state.team("old").member_emails()
+    assert lease.events.get(action=LeaseAction.EXPIRED).detail["withdrawn_from"] == "new"

@@ -12,7 +12,7 @@ from django.db import connection
 from django.utils import timezone
 
 from leasesite.models import JobLock
-from tests.conftest import invalid, json_answer, ok, server_error, throttled
+from tests.conftest import invalid, json_answer, new_token_value, ok, server_error, throttled
 from tokens.models import BaomingToken, DeletionReason, RefreshBatch, RefreshRun, RunStatus, TokenDeletion
 from tokens.services.refresh import (
     REFRESH_LOCK_NAME,
@@ -303,3 +303,29 @@ def test_a_token_encrypted_with_a_lost_key_fails_alone(upstream, make_token):
     assert upstream.calls_for(good.token) == 1 and len(upstream.requests) == 1
     kept = BaomingToken.objects.filter(pk=orphan.pk).values("consecutive_failures", "last_error").get()
     assert kept == {"consecutive_failures": 1, "last_error": "cannot decrypt token (encryption key missing?)"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_token_replaced_by_a_new_scan_during_its_check_is_not_deleted(upstream, make_token):
+    """A refresh batch checks the row's old token; meanwhile the same person scans again and the
+    row gets a new, valid token. The old token's "invalid" answer is about a token no longer
+    stored: the row (with its new token) must be neither flagged nor deleted."""
+    from tokens.clients import QrIdentity
+    from tokens.services.qrlogin import token_store_login
+
+    row = make_token(unionid="o-same-person")
+    old_token, new_token = row.token, new_token_value()
+
+    def rescan_then_invalid():
+        token_store_login(card_name=row.card_name, identity=QrIdentity(access_token=new_token, unionid="o-same-person"))
+        connection.close()  # the server thread's own connection
+        return invalid()
+
+    upstream.answers[old_token] = rescan_then_invalid
+    result = run()
+
+    assert BaomingToken.objects.filter(pk=row.pk).exists()
+    row.refresh_from_db()
+    assert row.token == new_token and row.invalid_in_run is None
+    assert not TokenDeletion.objects.filter(token_pk=row.pk).exists()
+    assert result.deleted == 0

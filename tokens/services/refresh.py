@@ -106,6 +106,7 @@ class _TokenRow:
     token: str | None
     last_used: datetime | None
     decrypt_error: bool = False
+    fingerprint: str = ""  # which token was checked: the row may hold another one by the time we record
 
 
 def renew_interval_seconds() -> float:
@@ -231,11 +232,17 @@ def _get_pool() -> CheckPool:
 def _load_rows(token_ids: list[int]) -> list[_TokenRow]:
     """The batch's tokens in its order. A token no configured key decrypts loads as an
     ``UndecryptableSecret`` (leasesite.fields) and is flagged: it fails its check at once."""
-    fields = ("id", "card_name", "user_name", "token", "last_used")
+    fields = ("id", "card_name", "user_name", "token", "last_used", "fingerprint")
     order = {token_id: index for index, token_id in enumerate(token_ids)}
     loaded = [
         _TokenRow(
-            t.id, t.card_name, t.user_name, t.token or None, t.last_used, isinstance(t.token, UndecryptableSecret)
+            t.id,
+            t.card_name,
+            t.user_name,
+            t.token or None,
+            t.last_used,
+            isinstance(t.token, UndecryptableSecret),
+            t.fingerprint,
         )
         for t in BaomingToken.objects.filter(id__in=token_ids).only(*fields)
     ]
@@ -372,25 +379,6 @@ def _record_checks(*, inflight: _BatchInFlight) -> bool:
     """Write a batch's results with a few batched UPDATEs and one history INSERT; False (nothing
     written) when the run is no longer running or the batch is no longer ours."""
     run, batch = inflight.run, inflight.batch
-    by_outcome: dict[CheckOutcome, list[int]] = defaultdict(list)
-    failures_by_message: dict[tuple[str, bool], list[int]] = defaultdict(list)
-    invalid_by_message: dict[str, list[int]] = defaultdict(list)
-    suspect_by_message: dict[str, list[int]] = defaultdict(list)
-    throttled = 0
-    for check in inflight.checks.values():
-        outcome = check.result.outcome
-        throttled += check.rate_limited_answers
-        if outcome == CheckOutcome.RATE_LIMITED:
-            outcome = CheckOutcome.TRANSIENT  # still throttled after every retry: keep, count failed
-        by_outcome[outcome].append(check.token_id)
-        if outcome == CheckOutcome.TRANSIENT:
-            failures_by_message[(check.result.message[:500], check.result.answered)].append(check.token_id)
-        elif outcome == CheckOutcome.INVALID:
-            invalid_by_message[f"invalid: {check.result.message}"[:500]].append(check.token_id)
-        elif outcome == CheckOutcome.SUSPECT:
-            suspect_by_message[check.result.message[:500]].append(check.token_id)
-    suspect_ids = by_outcome[CheckOutcome.SUSPECT]
-
     now = timezone.now()
     with transaction.atomic():
         # Lock the run row first (the order every writer uses), then re-check it: a run taken
@@ -403,36 +391,79 @@ def _record_checks(*, inflight: _BatchInFlight) -> bool:
         )
         if not done:
             return False
-        if run.dry_run:
-            # Nothing is written to tokens; count what this answer would have flagged.
-            suspect_flagged = (
-                _suspect_limit_reached(suspect_ids, now=now, unwritten_answers=1).count() if suspect_ids else 0
-            )
-        else:
-            suspect_flagged = _write_token_results(
-                run=run,
-                now=now,
-                valid_ids=by_outcome[CheckOutcome.VALID],
-                invalid_by_message=invalid_by_message,
-                suspect_by_message=suspect_by_message,
-                failures_by_message=failures_by_message,
-            )
-            token_history_record(
-                run=run, checked_at=now, checks=[(c.token_id, c.result) for c in inflight.checks.values()]
-            )
-        checked = sum(len(ids) for ids in by_outcome.values())
-        # A suspect answer that reaches the limit counts as invalid (the token is deleted as
-        # such, and the breaker weighs it so); one below the limit counts as a failure.
-        RefreshRun.objects.filter(pk=run.pk).update(
-            total=F("total") + checked,
-            ok=F("ok") + len(by_outcome[CheckOutcome.VALID]),
-            invalid=F("invalid") + len(by_outcome[CheckOutcome.INVALID]) + suspect_flagged,
-            failed=F("failed") + len(by_outcome[CheckOutcome.TRANSIENT]) + len(suspect_ids) - suspect_flagged,
-            rate_limited=F("rate_limited") + throttled,
-            batches_done=F("batches_done") + 1,
-            heartbeat_at=now,
-        )
+        checks = list(inflight.checks.values())
+        if not run.dry_run:
+            checks = _checks_of_tokens_still_stored(inflight.rows, checks)
+        _record_batch(run=run, now=now, checks=checks)
     return True
+
+
+def _checks_of_tokens_still_stored(rows: list[_TokenRow], checks: list[TokenCheck]) -> list[TokenCheck]:
+    """The checks whose row still holds the token that was checked, with those rows locked until
+    the batch is recorded. A row whose token was replaced meanwhile (the same person scanned again)
+    or that was deleted gets nothing: an answer about its old token says nothing about its new one
+    — above all, an "invalid" must never flag the new, valid token for deletion."""
+    checked_fingerprint = {row.id: row.fingerprint for row in rows}
+    current = dict(
+        BaomingToken.objects.filter(id__in=list(checked_fingerprint))
+        .order_by("id")
+        .select_for_update()
+        .values_list("id", "fingerprint")
+    )
+    kept = [check for check in checks if current.get(check.token_id) == checked_fingerprint.get(check.token_id)]
+    if len(kept) < len(checks):
+        dropped = sorted({c.token_id for c in checks} - {c.token_id for c in kept})
+        logger.warning("results of token(s) %s dropped: replaced or deleted while they were checked", dropped)
+    return kept
+
+
+def _record_batch(*, run: RefreshRun, now: datetime, checks: list[TokenCheck]) -> None:
+    """A few batched UPDATEs (one per outcome and message), one history INSERT, the run's counts."""
+    by_outcome: dict[CheckOutcome, list[int]] = defaultdict(list)
+    failures_by_message: dict[tuple[str, bool], list[int]] = defaultdict(list)
+    invalid_by_message: dict[str, list[int]] = defaultdict(list)
+    suspect_by_message: dict[str, list[int]] = defaultdict(list)
+    throttled = 0
+    for check in checks:
+        outcome = check.result.outcome
+        throttled += check.rate_limited_answers
+        if outcome == CheckOutcome.RATE_LIMITED:
+            outcome = CheckOutcome.TRANSIENT  # still throttled after every retry: keep, count failed
+        by_outcome[outcome].append(check.token_id)
+        if outcome == CheckOutcome.TRANSIENT:
+            failures_by_message[(check.result.message[:500], check.result.answered)].append(check.token_id)
+        elif outcome == CheckOutcome.INVALID:
+            invalid_by_message[f"invalid: {check.result.message}"[:500]].append(check.token_id)
+        elif outcome == CheckOutcome.SUSPECT:
+            suspect_by_message[check.result.message[:500]].append(check.token_id)
+    suspect_ids = by_outcome[CheckOutcome.SUSPECT]
+    if run.dry_run:
+        # Nothing is written to tokens; count what this answer would have flagged.
+        suspect_flagged = (
+            _suspect_limit_reached(suspect_ids, now=now, unwritten_answers=1).count() if suspect_ids else 0
+        )
+    else:
+        suspect_flagged = _write_token_results(
+            run=run,
+            now=now,
+            valid_ids=by_outcome[CheckOutcome.VALID],
+            invalid_by_message=invalid_by_message,
+            suspect_by_message=suspect_by_message,
+            failures_by_message=failures_by_message,
+        )
+        token_history_record(run=run, checked_at=now, checks=[(c.token_id, c.result) for c in checks])
+    checked = sum(len(ids) for ids in by_outcome.values())
+    # A suspect answer that reaches the limit counts as invalid (the token is deleted as
+    # such, and the breaker weighs it so); one below the limit counts as a failure.
+    RefreshRun.objects.filter(pk=run.pk).update(
+        total=F("total") + checked,
+        ok=F("ok") + len(by_outcome[CheckOutcome.VALID]),
+        invalid=F("invalid") + len(by_outcome[CheckOutcome.INVALID]) + suspect_flagged,
+        failed=F("failed") + len(by_outcome[CheckOutcome.TRANSIENT]) + len(suspect_ids) - suspect_flagged,
+        rate_limited=F("rate_limited") + throttled,
+        batches_done=F("batches_done") + 1,
+        heartbeat_at=now,
+    )
 
 
 def _suspect_limit_reached(token_ids: list[int], *, now: datetime, unwritten_answers: int = 0) -> QuerySet:
