@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.http import HttpRequest
+from django.utils.translation import gettext_lazy as _
 
 from leasesite.models import AlertState, JobLock
 
@@ -32,3 +33,9 @@ class AlertStateAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+
+# The console's own name, in the operators' language, instead of "Django 管理".
+admin.site.site_header = _("leasesite console")
+admin.site.site_title = _("leasesite console")
+admin.site.index_title = _("Overview")

@@ -106,12 +106,25 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
 if not DEBUG:
+    # Production defaults pass ``check --deploy --fail-level WARNING``. A deployment whose TLS ends
+    # at a proxy sets DJANGO_BEHIND_TLS_PROXY (the proxy's X-Forwarded-Proto is trusted); one that
+    # serves plain HTTP on a private network on purpose turns the switches below off.
     SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", True)
     CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
     SECURE_CONTENT_TYPE_NOSNIFF = True
     X_FRAME_OPTIONS = "DENY"
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+    # Probes and Prometheus talk plain HTTP to the container: never redirect them.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
     if env_bool("DJANGO_BEHIND_TLS_PROXY", False):
         SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# /metrics: with a token, only ``Authorization: Bearer <token>`` may read it; without one, only a
+# development server (DJANGO_DEBUG on) answers (DESIGN §2).
+METRICS_TOKEN = env_str("METRICS_TOKEN")
 
 # --- Secrets at rest ------------------------------------------------------------------------------
 TOKEN_ENCRYPTION_KEYS = env_list("TOKEN_ENCRYPTION_KEYS")

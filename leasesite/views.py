@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import hmac
+from pathlib import Path
+
 import redis
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -31,6 +35,35 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok" if healthy else "error", **checks}, status=200 if healthy else 503)
 
 
+def metrics_allowed(request: HttpRequest) -> bool:
+    """``METRICS_TOKEN`` set: the bearer token must match; unset: only a development server answers."""
+    expected = settings.METRICS_TOKEN
+    if not expected:
+        return settings.DEBUG
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
+    if not metrics_allowed(request):
+        if settings.METRICS_TOKEN:
+            response = HttpResponse(
+                "metrics: a valid bearer token is required\n", status=401, content_type="text/plain"
+            )
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+        return HttpResponse(
+            "metrics: set METRICS_TOKEN to read /metrics in production\n", status=403, content_type="text/plain"
+        )
     return HttpResponse(metrics_render(), content_type=CONTENT_TYPE_LATEST)
+
+
+FAVICON = (Path(__file__).resolve().parent / "static" / "leasesite" / "favicon.svg").read_bytes()
+
+
+@require_GET
+@cache_control(max_age=86400, public=True)
+def favicon(request: HttpRequest) -> HttpResponse:
+    """Browsers ask for /favicon.ico whatever the page says; served from memory, no static setup needed."""
+    return HttpResponse(FAVICON, content_type="image/svg+xml")

@@ -101,7 +101,8 @@ def test_rotation_reencrypts_tokens_and_team_tokens_so_the_old_key_can_go(rotate
     assert "leases.Team.api_token: re-encrypted 0, already current 2" in again
 
 
-def test_redeem_admin_metrics_and_sync_work_after_rotation(rotated, client, admin_client, make_code):
+def test_redeem_admin_metrics_and_sync_work_after_rotation(rotated, client, admin_client, make_code, settings):
+    settings.METRICS_TOKEN = "rotation-metrics"
     code = make_code()
     response = client.post(
         "/redeem/",
@@ -115,7 +116,7 @@ def test_redeem_admin_metrics_and_sync_work_after_rotation(rotated, client, admi
     assert admin_client.get(reverse("admin:leases_team_changelist")).status_code == 200
     assert admin_client.get(reverse("admin:leases_team_change", args=[rotated["alpha"].pk])).status_code == 200
     assert admin_client.get(reverse("admin:tokens_baomingtoken_changelist")).status_code == 200
-    assert client.get("/metrics").status_code == 200
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer rotation-metrics").status_code == 200
     assert all(result.ok for result in joins_sync())
 
 
@@ -158,7 +159,8 @@ def lost_team(make_team) -> Team:
     return team
 
 
-def test_team_admin_and_metrics_answer_when_a_team_token_cannot_be_decrypted(lost_team, client, admin_client):
+def test_team_admin_and_metrics_answer_when_a_team_token_cannot_be_decrypted(lost_team, client, admin_client, settings):
+    settings.METRICS_TOKEN = "rotation-metrics"
     listing = admin_client.get(reverse("admin:leases_team_changelist"))
     assert listing.status_code == 200 and "lost" in listing.content.decode()
     page = admin_client.get(reverse("admin:leases_team_change", args=[lost_team.pk]))
@@ -166,7 +168,7 @@ def test_team_admin_and_metrics_answer_when_a_team_token_cannot_be_decrypted(los
     assert TEAM_TOKEN not in page.content.decode()
     with translation.override("zh-hans"):
         assert escape(gettext("(cannot be decrypted)")) in page.content.decode()  # the masked token says so
-    metrics = client.get("/metrics")
+    metrics = client.get("/metrics", HTTP_AUTHORIZATION="Bearer rotation-metrics")
     assert metrics.status_code == 200
     assert 'leasesite_team_seats{kind="capacity",team="lost"}' in metrics.content.decode()
 

@@ -60,11 +60,11 @@ def test_parse_database_url(tmp_path):
         parse_database_url("postgres://localhost/", base_dir=tmp_path)
 
 
-def run_check(env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "TOKEN_", "BAOMING_"))}
     clean.update({"DJANGO_SETTINGS_MODULE": "leasesite.settings", "LEASESITE_VAR_DIR": "/tmp/leasesite-check", **env})
     return subprocess.run(
-        [sys.executable, "manage.py", "check"], cwd=BASE, env=clean, capture_output=True, text=True, timeout=120
+        [sys.executable, "manage.py", "check", *args], cwd=BASE, env=clean, capture_output=True, text=True, timeout=120
     )
 
 

@@ -1,0 +1,84 @@
+"""Production defaults, /metrics access, the public root and the favicon."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.fernet import Fernet
+
+from tests.test_settings_env import run_check
+
+PRODUCTION = {
+    "DJANGO_DEBUG": "false",
+    "DJANGO_SECRET_KEY": "k" * 30 + "-production-secret-key-0123456789",
+    "DJANGO_ALLOWED_HOSTS": "leases.example.com",
+}
+
+
+def test_production_defaults_pass_the_deploy_check_at_warning_level():
+    result = run_check(
+        {**PRODUCTION, "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode()}, "--deploy", "--fail-level", "WARNING"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_switching_the_https_redirect_off_is_reported_by_the_deploy_check():
+    """The switch for TLS ended elsewhere is real: Django's deploy check then names what is off."""
+    result = run_check(
+        {
+            **PRODUCTION,
+            "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+            "DJANGO_SECURE_SSL_REDIRECT": "false",
+            "DJANGO_HSTS_SECONDS": "0",
+        },
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+    )
+    assert result.returncode != 0
+    assert "security.W008" in result.stderr + result.stdout
+    assert "security.W004" in result.stderr + result.stdout
+
+
+@pytest.mark.django_db
+def test_metrics_with_a_token_needs_the_bearer(client, settings):
+    settings.METRICS_TOKEN = "s3cret-metrics-token"
+    settings.DEBUG = False
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Basic s3cret-metrics-token").status_code == 401
+    response = client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-metrics-token")
+    assert response.status_code == 200
+    assert b"leasesite_baoming_tokens" in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_without_a_token_answer_only_in_debug(client, settings):
+    settings.METRICS_TOKEN = ""
+    settings.DEBUG = False
+    response = client.get("/metrics")
+    assert response.status_code == 403
+    assert b"METRICS_TOKEN" in response.content
+    settings.DEBUG = True
+    assert client.get("/metrics").status_code == 200
+
+
+def test_the_root_redirects_to_the_redeem_page(client):
+    response = client.get("/")
+    assert response.status_code == 302
+    assert response["Location"] == "/redeem/"
+
+
+def test_favicon_is_served_and_linked(client, db):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "image/svg+xml"
+    assert response.content.startswith(b"<svg")
+    assert b'rel="icon"' in client.get("/redeem/").content
+    assert b'rel="icon"' in client.get("/admin/login/").content
+
+
+def test_the_admin_has_our_own_title(client, db):
+    body = client.get("/admin/login/").content.decode()
+    assert "leasesite 控制台" in body
+    assert "Django 管理" not in body
