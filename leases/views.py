@@ -15,6 +15,7 @@ from django.views.decorators.http import require_http_methods
 from leases.models import LeaseAction
 from leases.selectors import lease_by_public_id
 from leases.services.redemption import RedemptionError, code_redeem
+from leasesite.clientip import client_address
 from leasesite.ratelimit import attempts_allow
 
 # Events a customer sees on the status page (operator notes and retries stay in the console).
@@ -33,15 +34,6 @@ PUBLIC_ACTIONS = {
 class RedeemForm(forms.Form):
     code = forms.CharField(label=gettext_lazy("Redemption code"), max_length=64, strip=True)
     email = forms.EmailField(label=gettext_lazy("Email"), max_length=254)
-
-
-def client_address(request: HttpRequest) -> str:
-    if settings.LEASE_REDEEM_TRUST_X_FORWARDED_FOR:
-        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
-        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-        if hops:
-            return hops[-1]  # the address our own proxy saw; earlier hops are client-controlled
-    return request.META.get("REMOTE_ADDR", "") or "unknown"
 
 
 @require_http_methods(["GET", "POST"])

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -43,6 +44,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_beat",
+    "axes",
     "leasesite",
     "tokens",
     "leases",
@@ -56,6 +58,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 if not DEBUG:
     # Production serves collected static files through whitenoise (requirements/prod.txt);
@@ -85,6 +89,26 @@ DATABASES = {
     "default": parse_database_url(env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}", base_dir=BASE_DIR)
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# django-axes counts failed logins first and refuses a locked-out pair before any password check.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Admin login throttling: AXES_FAILURE_LIMIT failures of one user name from one address lock that
+# pair out for AXES_COOLOFF_MINUTES. Per pair, not per user alone, so someone guessing from
+# elsewhere cannot lock the real operator out; every failure and lockout is logged (axes.watch_login)
+# and kept in admin → Axes.
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# Log who and from where (the point of a lockout log); passwords are always masked by axes.
+AXES_SENSITIVE_PARAMETERS: list[str] = []
+AXES_LOCKOUT_CALLABLE = "leasesite.views.login_locked"
+# The same client address as /redeem/ uses (REMOTE_ADDR, or the last X-Forwarded-For hop behind
+# our own proxy when LEASE_REDEEM_TRUST_X_FORWARDED_FOR is on): never a header a client can forge.
+AXES_CLIENT_IP_CALLABLE = "leasesite.clientip.client_address"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

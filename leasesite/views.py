@@ -7,6 +7,7 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -67,3 +68,12 @@ FAVICON = (Path(__file__).resolve().parent / "static" / "leasesite" / "favicon.s
 def favicon(request: HttpRequest) -> HttpResponse:
     """Browsers ask for /favicon.ico whatever the page says; served from memory, no static setup needed."""
     return HttpResponse(FAVICON, content_type="image/svg+xml")
+
+
+def login_locked(request: HttpRequest, original_response: HttpResponse | None = None, credentials: dict | None = None):
+    """django-axes' lockout answer: a translated page in the console's frame, 429."""
+    context = {
+        "failure_limit": settings.AXES_FAILURE_LIMIT,
+        "cooloff_minutes": int(settings.AXES_COOLOFF_TIME.total_seconds() // 60),
+    }
+    return render(request, "leasesite/lockout.html", context, status=429)

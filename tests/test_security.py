@@ -82,3 +82,44 @@ def test_the_admin_has_our_own_title(client, db):
     body = client.get("/admin/login/").content.decode()
     assert "leasesite 控制台" in body
     assert "Django 管理" not in body
+
+
+def _login(client, password, address="10.1.2.3"):
+    return client.post(
+        "/admin/login/?next=/admin/",
+        {"username": "operator", "password": password},
+        REMOTE_ADDR=address,
+    )
+
+
+@pytest.mark.django_db
+def test_admin_login_locks_a_user_and_address_after_repeated_failures(client, django_user_model, settings, caplog):
+    django_user_model.objects.create_user("operator", password="right-password-123", is_staff=True)
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        assert _login(client, "wrong").status_code == 200  # the login form again, with its error
+    locked = _login(client, "wrong")
+    assert locked.status_code == 429
+    lockouts = [record.getMessage() for record in caplog.records if "Locking out" in record.getMessage()]
+    assert len(lockouts) == 1 and "operator" in lockouts[0] and "10.1.2.3" in lockouts[0]
+    assert not any("wrong" in record.getMessage() for record in caplog.records)  # no password logged
+    # Now even the right password is refused from that address, with a translated page ...
+    refused = _login(client, "right-password-123")
+    assert refused.status_code == 429
+    body = refused.content.decode()
+    assert "登录已锁定" in body and "15 分钟" in body
+    assert "_auth_user_id" not in client.session
+    # ... while the same person from another address logs in: a guesser cannot lock the operator out.
+    other = _login(client, "right-password-123", address="10.9.9.9")
+    assert other.status_code == 302 and other["Location"] == "/admin/"
+
+
+@pytest.mark.django_db
+def test_a_successful_login_resets_the_failure_count(client, django_user_model, settings):
+    django_user_model.objects.create_user("operator", password="right-password-123", is_staff=True)
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        _login(client, "wrong")
+    assert _login(client, "right-password-123").status_code == 302
+    client.logout()
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        assert _login(client, "wrong").status_code == 200
+    assert _login(client, "right-password-123").status_code == 302
