@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 
-from leasesite.models import AlertState, JobLock
+from leasesite.models import AlertState, JobLock, JobSuccess
 
 
 @admin.register(JobLock)
@@ -26,6 +26,20 @@ class AlertStateAdmin(admin.ModelAdmin):
     list_display = ("key", "active", "since", "notified", "last_sent_at", "last_title")
     list_filter = ("active",)
     search_fields = ("key", "last_title")
+    readonly_fields = list_display
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(JobSuccess)
+class JobSuccessAdmin(admin.ModelAdmin):
+    """When each periodic job last ended without an error (the heartbeat is beat's pulse)."""
+
+    list_display = ("task", "succeeded_at")
     readonly_fields = list_display
 
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -23,3 +23,12 @@ def _prepare_embedded_broker(sender: Celery, **kwargs: object) -> None:
         folder = options.get(key)
         if folder:
             os.makedirs(folder, exist_ok=True)
+
+
+@app.on_after_finalize.connect
+def _record_job_successes(sender: Celery, **kwargs: object) -> None:
+    from celery.signals import task_success
+
+    from leasesite.jobs import job_success_on_task_success
+
+    task_success.connect(job_success_on_task_success, weak=False)

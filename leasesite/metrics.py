@@ -90,8 +90,23 @@ class LeaseCollector(Collector):
         yield health
 
 
+class JobCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from leasesite.jobs import job_last_successes
+
+        last = GaugeMetricFamily(
+            "leasesite_job_last_success_timestamp_seconds",
+            "When each periodic job last ended without an error (leasesite.heartbeat: beat's pulse)",
+            labels=["task"],
+        )
+        for task, at in sorted(job_last_successes().items()):
+            last.add_metric([task], at.timestamp())
+        yield last
+
+
 def metrics_render() -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TokenCollector())
     registry.register(LeaseCollector())
+    registry.register(JobCollector())
     return generate_latest(registry)

@@ -41,3 +41,21 @@ class AlertState(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+class JobSuccess(models.Model):
+    """When each periodic job last ended without an error, for ``check_health`` and ``/metrics``.
+
+    One row per task name, overwritten in place (never grows). The ``leasesite.heartbeat`` row is
+    beat's pulse: beat sends it every 30 s and any worker runs it.
+    """
+
+    task = models.CharField(_("task"), max_length=200, primary_key=True)
+    succeeded_at = models.DateTimeField(_("last success"))
+
+    class Meta:
+        verbose_name = _("job success")
+        verbose_name_plural = _("job successes")
+
+    def __str__(self) -> str:
+        return self.task

@@ -23,11 +23,20 @@ class DefaultSchedule:
     task: str
     kwargs: dict = field(default_factory=dict)
     every_minutes: int | None = None
+    every_seconds: int | None = None
     crontab: tuple[str, str, str] | None = None  # minute, hour, day_of_week
     expire_seconds: int = 3600
 
 
+HEARTBEAT_EVERY_SECONDS = 30
+
 DEFAULT_SCHEDULES: list[DefaultSchedule] = [
+    DefaultSchedule(
+        name="leasesite: heartbeat",
+        task="leasesite.heartbeat",
+        every_seconds=HEARTBEAT_EVERY_SECONDS,
+        expire_seconds=HEARTBEAT_EVERY_SECONDS,
+    ),
     DefaultSchedule(
         name="tokens: refresh tokens used within 7 days",
         task="tokens.refresh_tokens",
@@ -87,7 +96,12 @@ def schedules_install(*, schedules: list[DefaultSchedule] | None = None) -> tupl
                 present += 1
                 continue
             options: dict = {}
-            if item.every_minutes is not None:
+            if item.every_seconds is not None:
+                interval, _ = IntervalSchedule.objects.get_or_create(
+                    every=item.every_seconds, period=IntervalSchedule.SECONDS
+                )
+                options["interval"] = interval
+            elif item.every_minutes is not None:
                 interval, _ = IntervalSchedule.objects.get_or_create(
                     every=item.every_minutes, period=IntervalSchedule.MINUTES
                 )

@@ -34,6 +34,9 @@ if not DEBUG and (SECRET_KEY == _DEV_SECRET_KEY or len(SECRET_KEY) < 32):
         "DJANGO_SECRET_KEY must be set to a random value of at least 32 characters when DJANGO_DEBUG is off"
     )
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+# The container's own health probe asks http://127.0.0.1:8000/healthz; loopback names carry no
+# risk here (no page builds absolute links from the Host header).
+ALLOWED_HOSTS += [host for host in ("127.0.0.1", "localhost") if host not in ALLOWED_HOSTS]
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
