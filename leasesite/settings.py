@@ -111,7 +111,7 @@ AXES_SENSITIVE_PARAMETERS: list[str] = []
 AXES_LOCKOUT_CALLABLE = "leasesite.views.login_locked"
 # The same client address as /redeem/ uses (REMOTE_ADDR, or the last X-Forwarded-For hop behind
 # our own proxy when LEASE_REDEEM_TRUST_X_FORWARDED_FOR is on): never a header a client can forge.
-AXES_CLIENT_IP_CALLABLE = "leasesite.clientip.client_address"
+AXES_CLIENT_IP_CALLABLE = "leasesite.clientip.login_client_address"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -14,19 +14,29 @@ PRODUCTION = {
 }
 
 
-def test_production_defaults_pass_the_deploy_check_at_warning_level():
+def test_production_defaults_pass_the_deploy_check_at_warning_level(tmp_path):
+    # A database of its own: the deploy check also reads the stored secrets, and the caller's
+    # DATABASE_URL (CI's PostgreSQL database) need not exist outside the test run.
     result = run_check(
-        {**PRODUCTION, "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode()}, "--deploy", "--fail-level", "WARNING"
+        {
+            **PRODUCTION,
+            "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        },
+        "--deploy",
+        "--fail-level",
+        "WARNING",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
 
 
-def test_switching_the_https_redirect_off_is_reported_by_the_deploy_check():
+def test_switching_the_https_redirect_off_is_reported_by_the_deploy_check(tmp_path):
     """The switch for TLS ended elsewhere is real: Django's deploy check then names what is off."""
     result = run_check(
         {
             **PRODUCTION,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
             "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
             "DJANGO_SECURE_SSL_REDIRECT": "false",
             "DJANGO_HSTS_SECONDS": "0",
@@ -123,3 +133,31 @@ def test_a_successful_login_resets_the_failure_count(client, django_user_model, 
     for _ in range(settings.AXES_FAILURE_LIMIT - 1):
         assert _login(client, "wrong").status_code == 200
     assert _login(client, "right-password-123").status_code == 302
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"REMOTE_ADDR": "10.1.2.3"}, "10.1.2.3"),
+        ({"REMOTE_ADDR": "::1"}, "::1"),
+        ({}, None),  # force_login, a shell: no address at all
+        ({"REMOTE_ADDR": "not-an-address"}, None),
+    ],
+)
+def test_the_login_throttle_records_only_real_addresses(rf, meta, expected):
+    from leasesite.clientip import login_client_address
+
+    request = rf.get("/admin/login/")
+    request.META.pop("REMOTE_ADDR", None)
+    request.META.update(meta)
+    assert login_client_address(request) == expected
+
+
+def test_a_login_without_an_address_is_recorded_on_every_database(client, django_user_model):
+    """force_login has no REMOTE_ADDR; PostgreSQL's inet column refused axes' old ``unknown``."""
+    from axes.models import AccessLog
+
+    user = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123456")
+    client.force_login(user)
+    assert AccessLog.objects.filter(username="root", ip_address=None).exists()
+    assert client.get("/admin/").status_code == 200
