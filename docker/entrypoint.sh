@@ -1,6 +1,12 @@
 #!/bin/sh
 # web | worker | beat | migrate | any other command
 set -e
+# Upstream-call metrics of every process of every container, summed by /metrics: each container
+# writes into its own subdirectory of the shared volume (pids repeat across containers).
+if [ -n "${LEASESITE_METRICS_DIR:-}" ] && [ -z "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+  export PROMETHEUS_MULTIPROC_DIR="$LEASESITE_METRICS_DIR/$(hostname)"
+  mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+fi
 case "$1" in
   web)
     exec gunicorn leasesite.wsgi:application --bind 0.0.0.0:8000 \
@@ -16,6 +22,10 @@ case "$1" in
       --scheduler django_celery_beat.schedulers:DatabaseScheduler
     ;;
   migrate)
+    # Runs before web and workers start: the counts of the previous deployment's processes go.
+    if [ -n "${LEASESITE_METRICS_DIR:-}" ]; then
+      find "$LEASESITE_METRICS_DIR" -mindepth 1 -delete
+    fi
     python manage.py migrate --noinput
     exec python manage.py setup_schedules
     ;;

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from leasesite.upstream_metrics import upstream_metrics_register
+
 
 class TokenCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -109,4 +111,5 @@ def metrics_render() -> bytes:
     registry.register(TokenCollector())
     registry.register(LeaseCollector())
     registry.register(JobCollector())
+    upstream_metrics_register(registry)
     return generate_latest(registry)

@@ -78,3 +78,31 @@ def test_docker_compose_accepts_the_file(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_web_and_workers_share_the_metrics_volume(compose):
+    for name in ("migrate", "web", "worker"):
+        service = compose["services"][name]
+        root = service["environment"]["LEASESITE_METRICS_DIR"]
+        assert f"metrics:{root}" in service["volumes"]
+    assert "metrics" in compose["volumes"]
+
+
+def test_the_entrypoint_gives_each_container_its_own_metrics_directory(tmp_path):
+    """pids repeat across containers; one file per pid in one directory would mix two processes."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    (shared / "old-container").mkdir()
+    (shared / "old-container" / "counter_7.db").write_bytes(b"stale")
+    env = {"PATH": "/usr/bin:/bin", "LEASESITE_METRICS_DIR": str(shared)}
+    shown = subprocess.run(
+        ["sh", str(DOCKER / "entrypoint.sh"), "sh", "-c", 'echo "$PROMETHEUS_MULTIPROC_DIR"'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    hostname = subprocess.run(["hostname"], capture_output=True, text=True, check=True).stdout.strip()
+    assert shown == f"{shared}/{hostname}"
+    assert Path(shown).is_dir()
+    assert (shared / "old-container" / "counter_7.db").exists()  # only migrate clears the volume

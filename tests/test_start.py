@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -29,3 +31,21 @@ def test_start_refuses_demo_on_a_configured_database(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/real")
     with pytest.raises(CommandError, match="--demo uses its own SQLite database"):
         call_command("start", "--demo")
+
+
+def test_start_gives_its_processes_a_fresh_shared_metrics_directory(settings, tmp_path):
+    from leasesite.management.commands.start import metrics_env
+
+    settings.VAR_DIR = tmp_path
+    stale = tmp_path / "metrics" / "local" / "counter_1.db"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier start")
+    env: dict[str, str] = {}
+    metrics_env(env)
+    assert env["LEASESITE_METRICS_DIR"] == str(tmp_path / "metrics")
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "metrics" / "local")
+    assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir() and not stale.exists()
+
+    chosen = {"PROMETHEUS_MULTIPROC_DIR": "/somewhere/else"}
+    metrics_env(chosen)
+    assert chosen == {"PROMETHEUS_MULTIPROC_DIR": "/somewhere/else"}

@@ -32,6 +32,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTime
 from urllib3.util.retry import Retry
 
 from leasesite.log_filters import scrub_secrets
+from leasesite.upstream_metrics import upstream_call_observe, upstream_host
 
 # The old tool's call and the words it deleted tokens on (the defaults of the settings).
 DEFAULT_PROBE_PATH = "/xcx/enroll/v3/detail"
@@ -167,6 +168,7 @@ class BaomingClient:
         pool_size: int = 8,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.host = upstream_host(self.base_url)
         self.probe_url = self.base_url + probe_path
         self.probe_eid = probe_eid
         self.suspect_words = tuple(word.lower() for word in suspect_words)
@@ -190,6 +192,13 @@ class BaomingClient:
         self.session.headers["User-Agent"] = "leasesite-token-keepalive/1.0"
 
     def check_token(self, token: str) -> CheckResult:
+        result = self._check_token(token)
+        upstream_call_observe(
+            upstream="baoming", host=self.host, call="check", outcome=result.outcome.value, seconds=result.elapsed
+        )
+        return result
+
+    def _check_token(self, token: str) -> CheckResult:
         # In the old tool's order; referer is sent, empty.
         params = {"eid": self.probe_eid, "access_token": token, "referer": "", "spider": "h5"}
         started = time.monotonic()
@@ -228,21 +237,30 @@ class BaomingClient:
 
         Raises ``QrCodeError`` (``refused`` when the upstream said no in a JSON answer,
         otherwise a transient failure worth another try)."""
-        response, error = self._qr_get(QR_CODE_PATH, params=None)
+        response, error = self._qr_get(QR_CODE_PATH, params=None, call="qr_code")
         if response is None:
             raise QrCodeError(error)
         return parse_qr_code_answer(response.status_code, response.content)
 
     def qr_login_poll(self, code: str) -> QrPollResult:
         """``GET pc_login`` once. Never raises: no answer, or a garbled one, is ``NO_ANSWER``."""
-        response, error = self._qr_get(QR_LOGIN_PATH, params={"code": code, "source": "h5"})
+        response, error = self._qr_get(QR_LOGIN_PATH, params={"code": code, "source": "h5"}, call="qr_login")
         if response is None:
             return QrPollResult(QrPollOutcome.NO_ANSWER, error)
         return classify_qr_login_answer(response.status_code, response.content)
 
-    def _qr_get(self, path: str, *, params: dict[str, str] | None) -> tuple[requests.Response | None, str]:
+    def _qr_get(self, path: str, *, params: dict[str, str] | None, call: str) -> tuple[requests.Response | None, str]:
         """One GET; (response, "") or (None, why not). The reason never holds the URL (the login
         code travels in it)."""
+        started = time.monotonic()
+        response, error = self._qr_get_once(path, params=params)
+        outcome = f"http_{response.status_code // 100}xx" if response is not None else "no_answer"
+        upstream_call_observe(
+            upstream="baoming", host=self.host, call=call, outcome=outcome, seconds=time.monotonic() - started
+        )
+        return response, error
+
+    def _qr_get_once(self, path: str, *, params: dict[str, str] | None) -> tuple[requests.Response | None, str]:
         try:
             response = self.session.get(
                 self.base_url + path,

@@ -15,6 +15,7 @@ with ``Retry-After`` pauses that host's limiter for every worker and the request
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -33,6 +34,7 @@ from leases.providers.base import (
     TransientProviderError,
 )
 from leasesite.ratelimit import RateLimiter, get_rate_limiter
+from leasesite.upstream_metrics import upstream_call_observe, upstream_host
 
 MAX_PAGES = 10_000  # a provider whose "total" never ends must not loop us forever
 RETRY_AFTER_ATTEMPTS = 2  # a 429 is retried this often within one call, then it is transient
@@ -85,6 +87,21 @@ def parse_timestamp(value: Any) -> datetime | None:
     return moment
 
 
+def provider_outcome(status: int) -> str:
+    """A provider answer's outcome label, in the words of DESIGN §4."""
+    if status == 429:
+        return "rate_limited"
+    if status in TEAM_DEAD_STATUSES:
+        return "team_dead"
+    if status >= 500:
+        return "server_error"
+    if status in (404, 409):
+        return "already_done"  # "not a member" / "already invited": treated as done
+    if status >= 400:
+        return "client_error"
+    return "ok"
+
+
 class HttpTeamProvider:
     def __init__(self, *, api_base: str, api_token: str, timeout: float | None = None) -> None:
         if not api_base:
@@ -95,19 +112,26 @@ class HttpTeamProvider:
         self.page_size = settings.LEASE_PROVIDER_PAGE_SIZE
         self.calls = 0
         self.limiter = host_limiter(self.api_base)
+        self.host = upstream_host(self.api_base)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.api_base + path
+        # The call's name without its ids or emails: bounded metric labels that leak nothing.
+        call = f"{method} {path.split('/', 1)[0].split('?', 1)[0]}"
         for attempt in range(RETRY_AFTER_ATTEMPTS + 1):
             self.limiter.acquire()
             self.calls += 1
+            started = time.monotonic()
             try:
                 response = _session().request(method, url, headers=self._headers, timeout=self.timeout, **kwargs)
             except requests.Timeout:
+                self._observe(call, "timeout", started)
                 raise TransientProviderError(f"{method} {path}: timed out after {self.timeout:g}s") from None
             except requests.RequestException as exc:
+                self._observe(call, "connection_error", started)
                 raise TransientProviderError(f"{method} {path}: connection error ({type(exc).__name__})") from None
+            self._observe(call, provider_outcome(response.status_code), started)
             if response.status_code != 429:
                 return response
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -117,6 +141,11 @@ class HttpTeamProvider:
             if retry_after is None or retry_after > MAX_RETRY_AFTER_SECONDS or attempt == RETRY_AFTER_ATTEMPTS:
                 raise TransientProviderError(f"{method} {path}: HTTP 429", status=429, retry_after=retry_after)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _observe(self, call: str, outcome: str, started: float) -> None:
+        upstream_call_observe(
+            upstream="provider", host=self.host, call=call, outcome=outcome, seconds=time.monotonic() - started
+        )
 
     @staticmethod
     def _raise_for(method: str, path: str, response: requests.Response) -> None:

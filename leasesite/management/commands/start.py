@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class Command(BaseCommand):
         if options["demo"] and os.environ.get("DATABASE_URL"):
             raise CommandError("--demo uses its own SQLite database; unset DATABASE_URL to run the demo")
         env = dict(os.environ)
+        metrics_env(env)
         if options["demo"]:
             env["DATABASE_URL"] = f"sqlite:///{Path(settings.VAR_DIR) / 'demo.sqlite3'}"
             env["BAOMING_API_BASE"] = f"http://127.0.0.1:{DEMO_UPSTREAM_PORT}"
@@ -162,6 +164,22 @@ class Command(BaseCommand):
         if failed:
             raise CommandError(f"stopped: {failed}")
         self.stdout.write("stopped")
+
+
+def metrics_env(env: dict[str, str]) -> None:
+    """Upstream-call counters shared by web and worker (prometheus-client multiprocess mode).
+
+    Unless the caller chose a directory, a fresh one under the var directory: files of processes
+    from an earlier start would otherwise be summed again (or reused by a new process's pid)."""
+    if env.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    root = Path(env.get("LEASESITE_METRICS_DIR") or Path(settings.VAR_DIR) / "metrics")
+    if not env.get("LEASESITE_METRICS_DIR"):
+        shutil.rmtree(root, ignore_errors=True)
+    own = root / "local"
+    own.mkdir(parents=True, exist_ok=True)
+    env["LEASESITE_METRICS_DIR"] = str(root)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(own)
 
 
 def ensure_admin_login(stdout) -> None:
