@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -20,7 +20,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from leases.models import LeaseEvent, MemberLease, RedemptionCode, Team, TeamEvent, TeamHealth
+from leases.models import LeaseEvent, LeaseStatus, MemberLease, RedemptionCode, Team, TeamEvent, TeamHealth
 from leases.selectors import team_seats_used, teams_with_seat_usage
 from leases.services.health import team_health_set
 from leases.services.operator import (
@@ -74,6 +74,39 @@ class TeamForm(forms.ModelForm):
         return value
 
 
+class TeamProblemFilter(admin.SimpleListFilter):
+    """The overview's "teams unhealthy or failing to sync" link lands here."""
+
+    title = _("problems")
+    parameter_name = "problem"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", _("unhealthy or failing to sync")), ("no", _("none"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        troubled = ~Q(health=TeamHealth.HEALTHY) | ~Q(last_sync_error="")
+        if self.value() == "yes":
+            return queryset.filter(troubled, is_active=True)
+        if self.value() == "no":
+            return queryset.exclude(troubled)
+        return queryset
+
+
+class OverdueFilter(admin.SimpleListFilter):
+    """Active leases past ``expires_at``: the transfer executor should have moved them."""
+
+    title = _("overdue for transfer")
+    parameter_name = "overdue"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", _("overdue for transfer"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "yes":
+            return queryset.filter(status=LeaseStatus.ACTIVE, expires_at__lte=timezone.now())
+        return queryset
+
+
 class HistoryInline(admin.TabularInline):
     """An append-only history shown under its object: read-only, nothing added or deleted."""
 
@@ -111,7 +144,7 @@ class TeamAdmin(admin.ModelAdmin):
         "last_synced_at",
         "last_sync_error",
     )
-    list_filter = ("health", "pool", "is_active", "provider")
+    list_filter = (TeamProblemFilter, "health", "pool", "is_active", "provider")
     search_fields = ("name",)
     readonly_fields = (
         "masked_api_token_display",
@@ -203,7 +236,7 @@ class MemberLeaseAdmin(admin.ModelAdmin):
         "attempts",
         "next_attempt_at",
     )
-    list_filter = ("status", "team")
+    list_filter = ("status", OverdueFilter, "team")
     list_select_related = ("team",)
     search_fields = ("email",)
     date_hierarchy = "created_at"

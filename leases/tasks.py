@@ -6,6 +6,8 @@ from __future__ import annotations
 from celery import shared_task
 from django.db import OperationalError
 
+from leases.services.cancellation import lease_seats_free
+from leases.services.invites import lease_invite
 from leases.services.orphans import orphans_check
 from leases.services.sync import joins_sync
 from leases.services.transfers import transfers_run
@@ -27,3 +29,20 @@ def run_transfers(email: str | None = None) -> dict[str, int]:
 def check_orphans() -> int:
     """Report members seated in two teams or without a lease. Returns the number of problems."""
     return orphans_check().problems
+
+
+@shared_task(name="leases.invite_lease", ignore_result=True, autoretry_for=(OperationalError,), max_retries=3)
+def invite_lease(lease_id: int) -> bool:
+    """The first invite of a lease just redeemed on the web (no provider call inside the request).
+    Idempotent: a lease already invited, or no longer pending, is left alone; an invite that fails
+    is recorded and retried by the join sync."""
+    return lease_invite(lease_id=lease_id)
+
+
+@shared_task(name="leases.free_seats", ignore_result=True, autoretry_for=(OperationalError,), max_retries=3)
+def free_seats(lease_id: int, seats: list[list], actor_id: int | None = None) -> list[str]:
+    """Free the seats of a lease an operator cancelled in the console: ``seats`` are
+    ``[team_id, member_id]`` pairs. Freeing twice is harmless (a seat already free is done)."""
+    return lease_seats_free(
+        lease_id=lease_id, seats=[(team_id, member_id) for team_id, member_id in seats], actor_id=actor_id
+    )

@@ -51,7 +51,7 @@ def redeem(request: HttpRequest) -> HttpResponse:
             return render(request, "leases/redeem.html", {"form": form}, status=429)
         if form.is_valid():
             try:
-                lease = code_redeem(code=form.cleaned_data["code"], email=form.cleaned_data["email"])
+                lease = code_redeem(code=form.cleaned_data["code"], email=form.cleaned_data["email"], invite_later=True)
             except RedemptionError as exc:
                 form.add_error(None, str(exc))
                 status = 400

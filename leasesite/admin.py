@@ -1,6 +1,5 @@
 from django.contrib import admin
 from django.http import HttpRequest
-from django.utils.translation import gettext_lazy as _
 
 from leasesite.models import AlertState, JobLock, JobSuccess
 
@@ -47,9 +46,3 @@ class JobSuccessAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
-
-
-# The console's own name, in the operators' language, instead of "Django 管理".
-admin.site.site_header = _("leasesite console")
-admin.site.site_title = _("leasesite console")
-admin.site.index_title = _("Overview")

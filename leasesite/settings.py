@@ -40,7 +40,7 @@ ALLOWED_HOSTS += [host for host in ("127.0.0.1", "localhost") if host not in ALL
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "leasesite.admin_site.LeasesiteAdminConfig",  # django.contrib.admin with the console's home page
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

@@ -86,6 +86,15 @@ def upstream(settings) -> Iterator[Upstream]:
 
 
 @pytest.fixture
+def eager_tasks(monkeypatch) -> None:
+    """Tasks sent by the code under test run at once, in this process (``.delay`` → ``.apply``)."""
+    from leasesite.celery import app
+
+    monkeypatch.setattr(app.conf, "task_always_eager", True)
+    monkeypatch.setattr(app.conf, "task_eager_propagates", True)
+
+
+@pytest.fixture
 def make_token() -> Callable[..., BaomingToken]:
     counter = iter(range(1, 1_000_000))
 

@@ -15,6 +15,7 @@ import pytest
 from cryptography.fernet import Fernet
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.test import TestCase
 from django.urls import reverse
 from django.utils import translation
 from django.utils.html import escape
@@ -101,14 +102,17 @@ def test_rotation_reencrypts_tokens_and_team_tokens_so_the_old_key_can_go(rotate
     assert "leases.Team.api_token: re-encrypted 0, already current 2" in again
 
 
-def test_redeem_admin_metrics_and_sync_work_after_rotation(rotated, client, admin_client, make_code, settings):
+def test_redeem_admin_metrics_and_sync_work_after_rotation(
+    rotated, client, admin_client, make_code, settings, eager_tasks
+):
     settings.METRICS_TOKEN = "rotation-metrics"
     code = make_code()
-    response = client.post(
-        "/redeem/",
-        {"code": code.code, "email": "after-rotation@example.com"},
-        REMOTE_ADDR=f"10.99.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}",
-    )
+    with TestCase.captureOnCommitCallbacks(execute=True):  # the invite task, as a worker runs it
+        response = client.post(
+            "/redeem/",
+            {"code": code.code, "email": "after-rotation@example.com"},
+            REMOTE_ADDR=f"10.99.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}",
+        )
     assert response.status_code == 302
     lease = MemberLease.objects.get(email="after-rotation@example.com")
     assert lease.status == LeaseStatus.PENDING and lease.invited_at is not None  # the provider took the token
@@ -207,13 +211,16 @@ def test_a_provider_call_needing_an_undecryptable_token_fails_clearly(lost_team)
     assert Team.objects.get(pk=team.pk).health == TeamHealth.DEGRADED  # not dead: nothing is evacuated
 
 
-def test_redeem_with_an_undecryptable_team_token_creates_the_lease_and_reports_the_invite(lost_team, client, make_code):
+def test_redeem_with_an_undecryptable_team_token_creates_the_lease_and_reports_the_invite(
+    lost_team, client, make_code, eager_tasks
+):
     code = make_code()
-    response = client.post(
-        "/redeem/",
-        {"code": code.code, "email": f"{uuid.uuid4().hex[:8]}@example.com"},
-        REMOTE_ADDR=f"10.98.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}",
-    )
+    with TestCase.captureOnCommitCallbacks(execute=True):  # the invite task, as a worker runs it
+        response = client.post(
+            "/redeem/",
+            {"code": code.code, "email": f"{uuid.uuid4().hex[:8]}@example.com"},
+            REMOTE_ADDR=f"10.98.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}",
+        )
     assert response.status_code == 302
     lease = MemberLease.objects.get()
     assert lease.invited_at is None and "cannot be decrypted" in lease.last_error  # the join sync retries

@@ -13,11 +13,12 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from leases import events
-from leases.models import FINAL_STATUSES, LeaseStatus, MemberLease, Team, TransferStep
+from leases.models import FINAL_STATUSES, LeaseAction, LeaseStatus, MemberLease, Team, TransferStep
 from leases.providers import ProviderError
 from leases.services.health import team_record_provider_error
 from leases.services.invites import seat_free
@@ -31,6 +32,7 @@ class CancelOutcome:
     lease: MemberLease
     cancelled: bool  # False: requested, the worker holding the lease will cancel it
     seats_not_freed: list[str]
+    seats_queued: int = 0  # seats a worker frees (the console never calls a provider itself)
 
 
 def _seats_to_free(lease: MemberLease) -> list[tuple[Team, str]]:
@@ -41,9 +43,12 @@ def _seats_to_free(lease: MemberLease) -> list[tuple[Team, str]]:
     return seats
 
 
-def lease_cancel_claimed(*, lease_id: int, owner: str, actor_id: int | None, reason: str) -> CancelOutcome:
+def lease_cancel_claimed(
+    *, lease_id: int, owner: str, actor_id: int | None, reason: str, free_seats_later: bool = False
+) -> CancelOutcome:
     """Cancel a lease ``owner`` holds: the transition first (no worker can pick it up after
-    that), then free its seats at the provider, each recorded."""
+    that), then free its seats at the provider, each recorded — or, with ``free_seats_later``
+    (a web request), leave that to the ``leases.free_seats`` task, sent after the commit."""
     lease = MemberLease.objects.select_related("team", "transfer_team").get(pk=lease_id)
     seats = _seats_to_free(lease)
     requested_at = lease.cancel_requested_at
@@ -55,8 +60,39 @@ def lease_cancel_claimed(*, lease_id: int, owner: str, actor_id: int | None, rea
         changes={"cancel_reason": reason[:500]},
         **events.cancelled(reason=reason, requested_at=requested_at),
     )
+    if free_seats_later:
+        from leases.tasks import free_seats
+
+        pairs = [[team.pk, member_id] for team, member_id in seats]
+        transaction.on_commit(lambda: free_seats.delay(lease_id=lease.pk, seats=pairs, actor_id=actor_id))
+        return CancelOutcome(lease=lease, cancelled=True, seats_not_freed=[], seats_queued=len(pairs))
+    not_freed = lease_seats_free(lease_id=lease.pk, seats=seats, actor_id=actor_id)
+    return CancelOutcome(lease=lease, cancelled=True, seats_not_freed=not_freed)
+
+
+def lease_seats_free(*, lease_id: int, seats: list[tuple[Team | int, str]], actor_id: int | None = None) -> list[str]:
+    """Free a cancelled lease's seats at their providers, each recorded as an event; the names of
+    the teams where that failed (those show in the orphan check)."""
+    lease = MemberLease.objects.get(pk=lease_id)
+    team_ids = [team if isinstance(team, int) else team.pk for team, _member in seats]
+    teams = Team.objects.in_bulk(team_ids)
+    # A task delivered twice frees nothing twice: seats recorded as freed since the cancel are done.
+    cancelled_at = (
+        lease.events.filter(action=LeaseAction.CANCELLED).order_by("-created_at").values_list("created_at", flat=True)
+    ).first()
+    done = set()
+    if cancelled_at is not None:
+        done = {
+            detail.get("team")
+            for detail in lease.events.filter(
+                action=LeaseAction.LEFT_OLD_TEAM, created_at__gte=cancelled_at
+            ).values_list("detail", flat=True)
+        }
     not_freed = []
-    for team, member_id in seats:
+    for team_id, member_id in zip(team_ids, (member for _team, member in seats), strict=True):
+        team = teams[team_id]
+        if team.name in done:
+            continue
         if team.is_dead:
             lease_step(lease_id=lease.pk, **events.left_old_team(team=team, skipped="team is dead"))
             continue
@@ -68,10 +104,12 @@ def lease_cancel_claimed(*, lease_id: int, owner: str, actor_id: int | None, rea
             not_freed.append(team.name)
             continue
         lease_step(lease_id=lease.pk, actor_id=actor_id, **events.left_old_team(team=team, freed=freed))
-    return CancelOutcome(lease=lease, cancelled=True, seats_not_freed=not_freed)
+    return not_freed
 
 
-def lease_cancel(*, lease_id: int, actor_id: int | None = None, reason: str = "") -> CancelOutcome:
+def lease_cancel(
+    *, lease_id: int, actor_id: int | None = None, reason: str = "", free_seats_later: bool = False
+) -> CancelOutcome:
     """Any open state → cancelled (final), with its seats freed at the provider (best effort: a
     seat that cannot be freed is an event and shows in the orphan check). If a worker holds the
     lease, leave a cancel request the worker honours at its next step."""
@@ -94,7 +132,9 @@ def lease_cancel(*, lease_id: int, actor_id: int | None = None, reason: str = ""
         )
         return CancelOutcome(lease=lease, cancelled=False, seats_not_freed=[])
     try:
-        return lease_cancel_claimed(lease_id=lease.pk, owner=owner, actor_id=actor_id, reason=reason)
+        return lease_cancel_claimed(
+            lease_id=lease.pk, owner=owner, actor_id=actor_id, reason=reason, free_seats_later=free_seats_later
+        )
     finally:
         leases_release(lease_ids=[lease.pk], owner=owner)
 

@@ -125,7 +125,7 @@ def codes_export_csv(codes: Iterable[RedemptionCode]) -> str:
 ALREADY_SEATED = gettext_lazy("This email already has a seat. Check its status page, or contact support to extend it.")
 
 
-def code_redeem(*, code: str, email: str) -> MemberLease:
+def code_redeem(*, code: str, email: str, invite_later: bool = False) -> MemberLease:
     """Redeem ``code`` for ``email``: exactly one lease per code, even under a double submit, and
     one open lease per email, even when several codes are redeemed for it at the same moment.
 
@@ -134,7 +134,9 @@ def code_redeem(*, code: str, email: str) -> MemberLease:
     again gets its lease back instead of an error. Two *different* codes for one email race past
     the open-lease check; the database's unique index on the open leases' lower-cased email lets
     exactly one insert win, the other transaction rolls back whole (its code stays unused) and
-    its customer is told the email already has a seat. The invite is sent after the commit.
+    its customer is told the email already has a seat. The invite is sent after the commit —
+    with ``invite_later`` (the web page: no provider call inside a request) by the
+    ``leases.invite_lease`` task.
     """
     email = email_normalize(email)
     canonical = code_normalize(code)
@@ -146,7 +148,11 @@ def code_redeem(*, code: str, email: str) -> MemberLease:
         if MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).exists():
             raise RedemptionError(str(ALREADY_SEATED)) from None
         raise
-    if created:
+    if created and invite_later:
+        from leases.tasks import invite_lease
+
+        transaction.on_commit(lambda: invite_lease.delay(lease_id=lease.pk))
+    elif created:
         lease_invite(lease_id=lease.pk)
         lease.refresh_from_db()
     return lease

@@ -44,6 +44,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from leases import events
 from leases.models import LeaseStatus, MemberLease, Team, TransferStep
@@ -79,11 +80,21 @@ class CancelRequested(Exception):  # noqa: N818 - control flow: an operator aske
     """An operator asked to cancel the lease while this worker held it."""
 
 
+# The steps of a transfer that call a provider, in the operator's words (the lease page and the
+# alert say e.g. "邀请加入团队 B 失败：POST invites: HTTP 500").
+STEP_WORDS = {
+    "invite": gettext_lazy("Invite to team %(team)s failed: %(error)s"),
+    "removal": gettext_lazy("Removal from team %(team)s failed: %(error)s"),
+    "invite withdrawal": gettext_lazy("Withdrawing the invite to team %(team)s failed: %(error)s"),
+}
+
+
 class TeamCallError(ProviderError):
     """A provider error with the team and the step it happened in, in words for the operator."""
 
     def __init__(self, team: Team, step: str, error: ProviderError) -> None:
-        super().__init__(f"{step} at team {team.name} failed: {error}", status=error.status)
+        words = STEP_WORDS.get(step, gettext_lazy("%(step)s at team %(team)s failed: %(error)s"))
+        super().__init__(str(words) % {"team": team.name, "error": error, "step": step}, status=error.status)
         self.team = team
         self.transient = error.transient
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from django.conf import settings as django_settings
-from django.test import Client
+from django.test import Client, TestCase
 from django.urls import reverse
 from django.utils import translation
 from django.utils.html import escape
@@ -70,8 +70,16 @@ def address(new_address) -> str:
     return new_address()
 
 
+@pytest.fixture(autouse=True)
+def _tasks_run_here(eager_tasks) -> None:
+    """The invite task the page sends after its commit runs in this process (see ``redeem``)."""
+
+
 def redeem(client: Client, address: str, code: str, email: str):
-    return client.post(REDEEM_URL, {"code": code, "email": email}, REMOTE_ADDR=address)
+    """POST the form, then run what it queued for after the commit (the invite task), as a
+    worker would once the request has answered."""
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        return client.post(REDEEM_URL, {"code": code, "email": email}, REMOTE_ADDR=address)
 
 
 def test_redeem_form_renders_with_a_csrf_token(client):
@@ -82,16 +90,26 @@ def test_redeem_form_renders_with_a_csrf_token(client):
     assert 'name="code"' in body and 'name="email"' in body
 
 
-def test_redeem_invites_and_shows_the_status_page(client, address, provider, make_team, make_code):
+def test_redeem_invites_and_shows_the_status_page(
+    client, address, provider, make_team, make_code, django_capture_on_commit_callbacks
+):
     make_team("alpha")
     code = make_code()
 
-    response = redeem(client, address, code.code.lower(), "Buyer@Example.com")
+    with django_capture_on_commit_callbacks() as after_commit:
+        response = client.post(
+            REDEEM_URL, {"code": code.code.lower(), "email": "Buyer@Example.com"}, REMOTE_ADDR=address
+        )
 
     lease = MemberLease.objects.get()
     assert response.status_code == 302
     assert response["Location"] == reverse("leases:status", args=[lease.public_id])
     assert (lease.email, lease.team.name, lease.status) == ("buyer@example.com", "alpha", LeaseStatus.PENDING)
+    # No provider call inside the request: the invite is a task sent after the commit.
+    assert lease.invited_at is None and provider.state.calls(team="alpha") == 0
+    for callback in after_commit:
+        callback()
+    lease.refresh_from_db()
     assert lease.invited_at is not None
     assert provider.state.team("alpha").invited_emails() == {"buyer@example.com"}
     code.refresh_from_db()
