@@ -10,7 +10,10 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.db.models import ProtectedError
 from django.db.models.functions import Lower, Upper
+from django.db.models.signals import pre_delete
+from django.dispatch import receiver
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -140,6 +143,7 @@ class Team(models.Model):
         verbose_name = _("team")
         verbose_name_plural = _("teams")
         ordering = ["name"]
+        permissions = [("can_manage_team_health", _("Can mark teams dead or healthy"))]
         constraints = [
             models.CheckConstraint(condition=models.Q(capacity__gte=1), name="team_capacity_positive"),
             models.CheckConstraint(
@@ -215,6 +219,12 @@ class MemberLease(models.Model):
         verbose_name = _("member lease")
         verbose_name_plural = _("member leases")
         ordering = ["-created_at", "-id"]
+        # The dangerous console operations have permissions of their own (a clerk who may
+        # retry a failed lease need not be able to move or end anyone's seat).
+        permissions = [
+            ("can_force_transfer", _("Can force a lease's transfer before its term ends")),
+            ("can_cancel_lease", _("Can cancel a lease")),
+        ]
         indexes = [
             models.Index(fields=["status", "expires_at"], name="lease_status_expires_idx"),
             models.Index(fields=["team", "status"], name="lease_team_status_idx"),
@@ -271,7 +281,9 @@ class MemberLease(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.email} @ {self.team_id} ({self.status})"
+        # The team's name and the status in the operator's words (admin titles, breadcrumbs,
+        # history). Lists select_related("team"), so this costs no query there.
+        return f"{self.email} @ {self.team.name} ({self.get_status_display()})"
 
 
 class AppendOnlyError(Exception):
@@ -333,7 +345,9 @@ class LeaseEvent(AppendOnlyEvent):
         verbose_name_plural = _("lease events")
 
     def __str__(self) -> str:
-        return f"{self.action} {self.from_status}->{self.to_status}"
+        from leases.history import event_line
+
+        return event_line(self).sentence
 
 
 class TeamAction(models.TextChoices):
@@ -401,3 +415,11 @@ class RedemptionCode(models.Model):
     @property
     def is_redeemed(self) -> bool:
         return self.redeemed_at is not None
+
+
+@receiver(pre_delete, sender=RedemptionCode)
+def _redeemed_codes_are_kept(sender: type, instance: RedemptionCode, **kwargs: object) -> None:
+    """A redeemed code belongs to its lease's history: no delete path (admin, shell, cascade) may
+    remove it."""
+    if instance.redeemed_at is not None:
+        raise ProtectedError(f"Redeemed code {instance.code} cannot be deleted.", {instance})

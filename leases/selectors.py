@@ -117,3 +117,14 @@ def lease_by_public_id(public_id: str) -> MemberLease | None:
         return MemberLease.objects.select_related("team").get(public_id=public_id)
     except (MemberLease.DoesNotExist, ValidationError, ValueError, TypeError):
         return None
+
+
+def failed_leases_of_team(team: Team) -> QuerySet[MemberLease]:
+    """Failed leases that failed on ``team``: seated there, or whose transfer gave up on a call to
+    it (the ``transfer_failed`` event names the team that failed). One query."""
+    from leases.models import LeaseAction, LeaseEvent
+
+    gave_up_here = LeaseEvent.objects.filter(action=LeaseAction.TRANSFER_FAILED, detail__failed_team=team.name).values(
+        "lease_id"
+    )
+    return MemberLease.objects.filter(Q(team=team) | Q(pk__in=gave_up_here), status=LeaseStatus.FAILED)

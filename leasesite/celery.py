@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "leasesite.settings")
+
+if os.environ.get("LEASESITE_SUPERVISED") == "1" and (
+    os.environ.get("CELERY_BROKER_URL") or "filesystem://"
+).startswith("filesystem://"):
+    # Under ``start``: kombu's "No hostname was supplied" is meaningless for the embedded broker.
+    # On the logger itself (not a handler), so Django's LOGGING and Celery's setup leave it in place.
+    from leasesite.log_filters import StartupNoiseFilter
+
+    logging.getLogger("kombu.connection").addFilter(StartupNoiseFilter())
 
 app = Celery("leasesite")
 app.config_from_object("django.conf:settings", namespace="CELERY")

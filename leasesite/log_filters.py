@@ -32,3 +32,19 @@ class SecretScrubFilter(logging.Filter):
             record.msg = scrubbed
             record.args = None
         return True
+
+
+class StartupNoiseFilter(logging.Filter):
+    """Drops start-up lines that tell a newcomer nothing, in processes that ``start`` supervises.
+
+    kombu's "No hostname was supplied. Reverting to default 'localhost'" is logged on every broker
+    connection of the embedded ``filesystem://`` transport, which has no host at all. ``leasesite.celery``
+    attaches this filter to that one logger when ``LEASESITE_SUPERVISED=1`` and the broker is the
+    filesystem one; a real broker URL without a host keeps the warning.
+    """
+
+    NOISE = ("No hostname was supplied. Reverting to default",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        return not message.startswith(self.NOISE)

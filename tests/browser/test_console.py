@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from leases.models import LeaseStatus, TeamHealth
@@ -30,8 +31,7 @@ def troubled_world(make_team, make_lease, make_token):
         alpha,
         LeaseStatus.FAILED,
         email="bob@example.com",
-        transfer_team=beta,
-        last_error="POST invites to 团队 B: HTTP 500",
+        last_error="邀请加入团队 团队 B 失败：POST invites: HTTP 500 — 当前所在团队：团队 A",
     )
     for n in range(12):
         RefreshRun.objects.create(
@@ -48,13 +48,50 @@ def troubled_world(make_team, make_lease, make_token):
     return {"failed": failed, "alpha": alpha, "beta": beta}
 
 
-def test_the_overview_shows_the_failed_lease(page, live_server, troubled_world):
+def test_an_operator_sees_the_failed_lease_and_fixes_it_in_three_clicks(page, live_server, troubled_world):
     get_user_model().objects.create_superuser("ops", "ops@example.com", "pw-ops-123456")
     admin_login(page, live_server, "ops", "pw-ops-123456")
     assert page.title().endswith("leasesite 控制台")
     figure = page.locator(".overview-figures a", has_text="需人工处理的失败租约")
     assert figure.locator(".count").inner_text() == "1"
+    assert page.locator("svg.leasesite-chart").count() >= 3
     save_screenshot(page, "overview")
-    figure.click()
+
+    figure.click()  # 1
     page.wait_for_selector("#result_list")
-    assert "bob@example.com" in page.locator("#result_list").inner_text()
+    row = page.locator("#result_list tbody tr", has_text="bob@example.com")
+    assert "HTTP 500" in row.inner_text()  # the error column
+    row.locator("th a").click()  # 2
+    page.wait_for_selector("#lease-operations")
+    assert "团队 B" in page.locator("#lease-error").inner_text()
+    assert page.locator('[data-operation="force_transfer"]').count() == 0  # not from "failed"
+    save_screenshot(page, "lease-page")
+    page.locator('input[data-operation="retry"]').click()  # 3
+    page.wait_for_selector(".messagelist")
+    assert "已重试转移" in page.locator(".messagelist").inner_text()
+    assert "操作员已重试转移" in page.locator("#lease-history").inner_text()
+    troubled_world["failed"].refresh_from_db()
+    assert troubled_world["failed"].status == LeaseStatus.TRANSFERRING
+
+
+def test_a_clerk_without_the_permission_does_not_see_force_transfer(page, live_server, make_team, make_lease):
+    lease = make_lease(make_team("团队 A"), LeaseStatus.ACTIVE, email="carol@example.com")
+    clerk = get_user_model().objects.create_user("clerk", "c@example.com", "pw-clerk-123456", is_staff=True)
+    clerk.user_permissions.add(*Permission.objects.filter(codename__in=["view_memberlease", "change_memberlease"]))
+    admin_login(page, live_server, "clerk", "pw-clerk-123456")
+    page.goto(f"{live_server.url}/admin/leases/memberlease/{lease.pk}/change/")
+    page.wait_for_selector("#memberlease_form")
+    assert page.locator('[data-operation="force_transfer"]').count() == 0
+    assert page.locator('[data-operation="cancel"]').count() == 0
+    page.goto(f"{live_server.url}/admin/leases/memberlease/")
+    options = page.locator("select[name=action] option").all_inner_texts()
+    assert not any("立即转移" in text or "取消所选" in text for text in options), options
+
+    # An operator with the permission sees it, and is asked before anything changes.
+    get_user_model().objects.create_superuser("ops", "ops@example.com", "pw-ops-123456")
+    page.context.clear_cookies()
+    admin_login(page, live_server, "ops", "pw-ops-123456")
+    page.goto(f"{live_server.url}/admin/leases/memberlease/{lease.pk}/change/")
+    page.locator('a[data-operation="force_transfer"]').click()
+    page.wait_for_selector("#what-changes")
+    assert "有效 → 转移中" in page.locator("#what-changes").inner_text()

@@ -26,8 +26,11 @@ TEAMS_URL = "admin:leases_team_changelist"
 CODES_URL = "admin:leases_redemptioncode_changelist"
 
 
-def act(client, url_name: str, action: str, ids: list[int]):
-    return client.post(reverse(url_name), {"action": action, "_selected_action": ids})
+def act(client, url_name: str, action: str, ids: list[int], *, confirmed: bool = False):
+    data = {"action": action, "_selected_action": ids}
+    if confirmed:  # the second POST, from the confirmation page of a dangerous action
+        data["confirmed"] = "yes"
+    return client.post(reverse(url_name), data)
 
 
 def messages_of(response) -> list[tuple[int, str]]:
@@ -61,7 +64,7 @@ def snapshot(lease: MemberLease) -> tuple:
 
 
 # -- pages ------------------------------------------------------------------------------------------
-def test_lease_changelist_and_change_page_show_events_inline(admin_client, admin_user, make_team, make_lease):
+def test_lease_changelist_and_change_page_show_the_readable_history(admin_client, admin_user, make_team, make_lease):
     team = make_team("alpha")
     lease = make_lease(team, LeaseStatus.FAILED, last_error="provider said no")
     lease.events.create(action=LeaseAction.TRANSFER_FAILED, from_status="transferring", to_status="failed")
@@ -74,9 +77,11 @@ def test_lease_changelist_and_change_page_show_events_inline(admin_client, admin
     page = admin_client.get(reverse("admin:leases_memberlease_change", args=[lease.pk]))
     body = page.content.decode()
     assert page.status_code == 200
-    (events_inline,) = page.context["inline_admin_formsets"]
-    assert events_inline.formset.model.__name__ == "LeaseEvent"
-    assert len(events_inline.formset.forms) == lease.events.count() == 2
+    assert len(page.context["history"]) == lease.events.count() == 2
+    assert (
+        zh("Transfer failed after %(attempts)s attempt(s) and needs a human: %(error)s", attempts="-", error="-")
+        in body
+    )
     assert str(lease.public_id) in body  # the status page link
     assert "provider said no" in body
 
@@ -205,8 +210,15 @@ def test_force_transfer_moves_an_active_lease_and_refuses_a_pending_one(
     pending = make_lease(alpha, LeaseStatus.PENDING)
     pending_before = snapshot(pending)
 
+    confirm = act(admin_client, LEASES_URL, "force_transfer", [active.pk, pending.pk])
+    assert confirm.status_code == 200  # the confirmation page: what will change, nothing changed yet
+    assert confirm.context["changes"] == [f"{active.email} @ alpha: {label('active')} → {label('transferring')}"]
+    assert len(confirm.context["refused"]) == 1 and pending.email in str(confirm.context["refused"][0])
+    active.refresh_from_db()
+    assert active.status == LeaseStatus.ACTIVE
+
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        response = act(admin_client, LEASES_URL, "force_transfer", [active.pk, pending.pk])
+        response = act(admin_client, LEASES_URL, "force_transfer", [active.pk, pending.pk], confirmed=True)
 
     assert response.status_code == 302
     active.refresh_from_db()
@@ -229,7 +241,7 @@ def test_force_transfer_moves_an_active_lease_and_refuses_a_pending_one(
 
 
 def test_cancel_frees_the_seat_at_the_provider_and_a_second_cancel_is_refused(
-    admin_client, admin_user, provider, make_team, make_lease
+    admin_client, admin_user, provider, make_team, make_lease, eager_tasks, django_capture_on_commit_callbacks
 ):
     team = make_team("alpha")
     fake = provider.state.team("alpha")
@@ -240,7 +252,14 @@ def test_cancel_frees_the_seat_at_the_provider_and_a_second_cancel_is_refused(
     fake.invite(invited.email)
     assert fake.member_emails() == {"seated@example.com"} and fake.invited_emails() == {"invited@example.com"}
 
-    response = act(admin_client, LEASES_URL, "cancel_leases", [seated.pk, invited.pk])
+    assert act(admin_client, LEASES_URL, "cancel_leases", [seated.pk, invited.pk]).status_code == 200  # confirm?
+    calls_before = provider.state.calls(team="alpha")
+    with django_capture_on_commit_callbacks() as after_commit:
+        response = act(admin_client, LEASES_URL, "cancel_leases", [seated.pk, invited.pk], confirmed=True)
+    assert provider.state.calls(team="alpha") == calls_before  # no provider call inside the request
+    assert len(after_commit) == 2
+    for callback in after_commit:  # the seat-freeing tasks, as a worker runs them
+        callback()
 
     assert response.status_code == 302
     for lease in (seated, invited):
@@ -256,19 +275,21 @@ def test_cancel_frees_the_seat_at_the_provider_and_a_second_cancel_is_refused(
     assert fake.invited_emails() == set()
     assert (
         message_levels.SUCCESS,
-        zh("%(count)d lease(s) cancelled or marked for cancellation.", count=2),
+        zh("%(count)d lease(s) cancelled or marked for cancellation; workers free their seats now.", count=2),
     ) in messages_of(response)
 
     events_before = seated.events.count()
     admin_client.get(reverse(LEASES_URL))  # shows (and so consumes) the messages of the first POST
-    again = act(admin_client, LEASES_URL, "cancel_leases", [seated.pk])
+    again = act(admin_client, LEASES_URL, "cancel_leases", [seated.pk], confirmed=True)
     refused = zh("Lease %(id)s is already %(status)s.", id=seated.pk, status=label(LeaseStatus.CANCELLED))
     assert messages_of(again) == [(message_levels.ERROR, refused)]
     seated.refresh_from_db()
     assert seated.status == LeaseStatus.CANCELLED and seated.events.count() == events_before
 
 
-def test_cancel_when_the_provider_fails_still_cancels_and_notes_it(admin_client, provider, make_team, make_lease):
+def test_cancel_when_the_provider_fails_still_cancels_and_notes_it(
+    admin_client, provider, make_team, make_lease, eager_tasks, django_capture_on_commit_callbacks
+):
     team = make_team("alpha")
     fake = provider.state.team("alpha")
     lease = make_lease(team, LeaseStatus.ACTIVE)
@@ -276,7 +297,8 @@ def test_cancel_when_the_provider_fails_still_cancels_and_notes_it(admin_client,
     MemberLease.objects.filter(pk=lease.pk).update(provider_member_id=member_id)
     fake.fail_next.append(TransientProviderError("boom", status=503))
 
-    act(admin_client, LEASES_URL, "cancel_leases", [lease.pk])
+    with django_capture_on_commit_callbacks(execute=True):
+        act(admin_client, LEASES_URL, "cancel_leases", [lease.pk], confirmed=True)
 
     lease.refresh_from_db()
     assert lease.status == LeaseStatus.CANCELLED
@@ -286,38 +308,40 @@ def test_cancel_when_the_provider_fails_still_cancels_and_notes_it(admin_client,
     assert lease.email in fake.member_emails()  # still seated: an operator must look
 
 
-def test_team_sync_now_activates_joined_leases_and_reports_failures(admin_client, provider, make_team, make_lease):
+def test_team_sync_now_queues_a_sync_per_team_that_activates_joined_leases_and_records_failures(
+    admin_client, provider, make_team, make_lease, eager_tasks, django_capture_on_commit_callbacks
+):
     alpha, beta = make_team("alpha"), make_team("beta")
     lease = make_lease(alpha, LeaseStatus.PENDING)
     member_id = provider.state.team("alpha").accept(lease.email)
     provider.state.team("beta").fail_next.append(TransientProviderError("boom", status=503))
+    calls_before = provider.state.calls()
 
-    response = act(admin_client, TEAMS_URL, "sync_now", [alpha.pk, beta.pk])
-
+    with django_capture_on_commit_callbacks() as after_commit:
+        response = act(admin_client, TEAMS_URL, "sync_now", [alpha.pk, beta.pk])
+    assert provider.state.calls() == calls_before  # the request only queued the syncs
     assert response.status_code == 302
+    queued = zh("Join sync of %(count)d team queued; its result appears on the team's page within a minute.", count=2)
+    assert messages_of(response) == [(message_levels.SUCCESS, queued)]
+    assert len(after_commit) == 2
+    for callback in after_commit:
+        callback()
+
     lease.refresh_from_db()
     assert (lease.status, lease.provider_member_id) == (LeaseStatus.ACTIVE, member_id)
-    msgs = messages_of(response)
-    ok = zh(
-        "%(team)s: %(joined)d joined, %(reinvited)d re-invited, %(invited)d invited.",
-        team="alpha",
-        joined=1,
-        reinvited=0,
-        invited=0,
-    )
-    assert (message_levels.SUCCESS, ok) in msgs
-    errors = [text for level, text in msgs if level == message_levels.ERROR]
-    assert len(errors) == 1 and "beta" in errors[0]
     beta.refresh_from_db()
     assert beta.last_sync_error and beta.last_synced_at is None
 
 
-def test_lease_sync_now_syncs_the_selected_leases_teams(admin_client, provider, make_team, make_lease):
+def test_lease_sync_now_syncs_the_selected_leases_teams(
+    admin_client, provider, make_team, make_lease, eager_tasks, django_capture_on_commit_callbacks
+):
     alpha = make_team("alpha")
     lease = make_lease(alpha, LeaseStatus.PENDING)
     provider.state.team("alpha").accept(lease.email)
 
-    response = act(admin_client, LEASES_URL, "sync_now", [lease.pk])
+    with django_capture_on_commit_callbacks(execute=True):
+        response = act(admin_client, LEASES_URL, "sync_now", [lease.pk])
 
     assert response.status_code == 302
     lease.refresh_from_db()

@@ -32,7 +32,7 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         created, present = schedules_install()
         self.stdout.write(f"database migrated; default schedules: {created} created, {present} present")
-        ensure_admin_login(self.stdout)
+        ensure_admin_login(self.stdout, demo=options["demo"])
         if options["demo"]:
             self._seed_demo()
 
@@ -64,10 +64,13 @@ class Command(BaseCommand):
 
         base = f"http://127.0.0.1:{settings.DEMO_PROVIDER_PORT}/teams"
         for name, capacity in (("demo-team-a", 5), ("demo-team-b", 5)):
-            Team.objects.get_or_create(
+            team, created = Team.objects.get_or_create(
                 name=name,
                 defaults={"provider": "http", "api_base": f"{base}/{name}/", "api_token": "demo", "capacity": capacity},
             )
+            if not created and team.provider == "http" and team.api_base != f"{base}/{name}/":
+                # An earlier demo ran its fake provider on another --provider-port.
+                Team.objects.filter(pk=team.pk).update(api_base=f"{base}/{name}/")
         unused = RedemptionCode.objects.filter(batch="demo", redeemed_at__isnull=True)
         if not unused.exists():
             codes_generate(count=5, term_months=1, total_months=3, batch="demo")
