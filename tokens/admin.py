@@ -5,25 +5,41 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.html import conditional_escape, format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator
+from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
 
 from leasesite.crypto import fingerprint_secret
 from tokens.admin_qr import QrLoginViews
-from tokens.models import BaomingToken, CheckOutcomeChoice, RefreshRun, RunTrigger, TokenDeletion, TokenHealth
-from tokens.selectors import token_by_plaintext, token_recent_checks, tokens_last_activity, tokens_with_health
-from tokens.services.refresh import REFRESH_LOCK_NAME
+from tokens.models import (
+    BaomingToken,
+    CheckOutcomeChoice,
+    RefreshRun,
+    RunTrigger,
+    TokenCheckRecord,
+    TokenDeletion,
+    TokenHealth,
+)
+from tokens.selectors import (
+    refresh_run_holding_lock,
+    run_deletions,
+    run_token_results,
+    token_by_plaintext,
+    token_recent_checks,
+    tokens_last_activity,
+    tokens_with_health,
+)
+from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_start
 from tokens.services.tokens import TOKEN_PATTERN, tokens_delete_by_operator
 
 
@@ -98,6 +114,17 @@ def health_since(token: BaomingToken) -> datetime | None:
         case TokenHealth.FAILING:
             return token.failing_since
     return None
+
+
+def format_message(template: str, **values: object) -> SafeString:
+    """A translated ``%(name)s`` message as HTML: the message's own text and every value are
+    escaped (values already safe, such as links made with ``format_html``, stay as they are)."""
+    text = conditional_escape(template).replace("{", "{{").replace("}", "}}")
+    return format_html(text % {name: "{" + name + "}" for name in values}, **values)
+
+
+def run_admin_link(run: RefreshRun) -> SafeString:
+    return format_html('<a href="{}">#{}</a>', reverse("admin:tokens_refreshrun_change", args=[run.pk]), run.pk)
 
 
 def render_recent_checks(token_pk: int) -> SafeString:
@@ -309,27 +336,46 @@ class BaomingTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description=_("Refresh selected tokens now"), permissions=["change"])
     def refresh_now(self, request: HttpRequest, queryset: QuerySet) -> None:
-        from leasesite.locks import lock_holder
-        from tokens.tasks import refresh_tokens
+        """Start the run here, in the request, so the message links to the very run that gets the
+        results: ``token_refresh_start`` (what the ``tokens.refresh_tokens`` task calls) takes the
+        lock and writes the run and its batches — database work only, no upstream call — and
+        sends the batches to the workers after commit (the sweeper re-sends any that get lost).
+        There is no "queued" run status, and the task cannot be handed a run made beforehand."""
+        from tokens.tasks import refresh_batch
 
-        if lock_holder(name=REFRESH_LOCK_NAME) is not None:
-            self.message_user(
-                request, _("A refresh run is in progress; try again when it has finished."), messages.WARNING
-            )
-            return
         token_ids = list(queryset.values_list("id", flat=True))
-        transaction.on_commit(
-            lambda: refresh_tokens.delay(max_age_days=None, trigger=RunTrigger.ADMIN, token_ids=token_ids)
-        )
+        try:
+            run = token_refresh_start(trigger=RunTrigger.ADMIN, token_ids=token_ids, dispatch=refresh_batch.delay)
+        except RefreshAlreadyRunning:
+            self.message_user(request, self._refresh_refused_message(), messages.WARNING)
+            return
         self.message_user(
             request,
-            ngettext(
-                "Refresh of %(count)d token queued; its result appears under refresh runs.",
-                "Refresh of %(count)d tokens queued; their results appear under refresh runs.",
-                len(token_ids),
-            )
-            % {"count": len(token_ids)},
+            format_message(
+                ngettext(
+                    "Refresh of %(count)s token queued as run %(run)s; its result appears there.",
+                    "Refresh of %(count)s tokens queued as run %(run)s; their results appear there.",
+                    run.planned,
+                ),
+                count=run.planned,
+                run=run_admin_link(run),
+            ),
             messages.SUCCESS,
+        )
+
+    @staticmethod
+    def _refresh_refused_message() -> SafeString | str:
+        holder = refresh_run_holding_lock()
+        if holder is None:  # the lock is between runs (taken, its run not written yet)
+            return _("A refresh run is in progress; try again when it has finished.")
+        return format_message(
+            gettext(
+                "Nothing queued: refresh run %(run)s (started %(started)s, trigger: %(trigger)s) is in progress; "
+                "try again when it has finished."
+            ),
+            run=run_admin_link(holder),
+            started=_minute(holder.started_at),
+            trigger=holder.get_trigger_display(),
         )
 
     @admin.action(description=_("Delete selected tokens (with audit record)"), permissions=["delete"])
@@ -374,17 +420,62 @@ class RefreshRunAdmin(ReadOnlyAdmin):
         "ok",
         "failed",
         "invalid",
-        "deleted",
+        "deleted_display",
         "rate_limited",
         "breaker_tripped",
     )
     list_filter = ("kind", "status", "trigger", "breaker_tripped", "dry_run")
     date_hierarchy = "started_at"
     exclude = ("lock_owner",)
+    change_form_template = "admin/tokens/refreshrun/change_form.html"
+    # How many deleted tokens and per-token results the run page lists (the rest: filtered lists).
+    page_rows = 200
 
     @admin.display(description=_("duration (s)"), ordering="duration_seconds")
     def duration_display(self, obj: RefreshRun) -> str:
         return "-" if obj.duration_seconds is None else f"{obj.duration_seconds:.2f}"
+
+    @admin.display(description=_("deleted"), ordering="deleted")
+    def deleted_display(self, obj: RefreshRun) -> SafeString | int:
+        if not obj.deleted or obj.dry_run:  # a dry run counts what it would have deleted: no records
+            return obj.deleted
+        return format_html('<a href="{}">{}</a>', run_deletions_url(obj.pk), obj.deleted)
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
+    ) -> HttpResponse:
+        context = dict(extra_context or {})
+        run_id = _int_or_none(object_id)
+        if run_id is not None and self.has_view_or_change_permission(request):
+            deletions, deletions_total = run_deletions(run_id=run_id, limit=self.page_rows)
+            results, results_total = run_token_results(run_id=run_id, limit=self.page_rows)
+            context.update(
+                run_deletions=deletions,
+                run_deletions_total=deletions_total,
+                run_deletions_more=deletions_total - len(deletions),
+                run_deletions_url=run_deletions_url(run_id),
+                run_results=results,
+                run_results_total=results_total,
+                run_results_more=results_total - len(results),
+                run_results_url=run_checks_url(run_id),
+                history_per_token=settings.TOKEN_HISTORY_PER_TOKEN,
+            )
+        return super().change_view(request, object_id, form_url, extra_context=context)
+
+
+def _int_or_none(value: str) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_deletions_url(run_id: int) -> str:
+    return f"{reverse('admin:tokens_tokendeletion_changelist')}?run__id__exact={run_id}"
+
+
+def run_checks_url(run_id: int) -> str:
+    return f"{reverse('admin:tokens_tokencheckrecord_changelist')}?run__id__exact={run_id}"
 
 
 @admin.register(TokenDeletion)
@@ -400,3 +491,16 @@ class TokenDeletionAdmin(ReadOnlyAdmin):
     @admin.display(description=_("the token's last checks"))
     def recent_checks(self, obj: TokenDeletion) -> SafeString:
         return render_recent_checks(obj.token_pk)
+
+
+@admin.register(TokenCheckRecord)
+class TokenCheckRecordAdmin(ReadOnlyAdmin):
+    """Every stored per-token check (the run page lists its first ones and links here)."""
+
+    list_display = ("checked_at", "token_pk", "outcome", "message", "http_status", "run")
+    list_filter = ("outcome",)
+    list_select_related = ("run",)
+    raw_id_fields = ("run",)
+    ordering = ("-checked_at", "-id")
+    list_per_page = 200
+    show_full_result_count = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
@@ -10,6 +11,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from leasesite.crypto import fingerprint_secret
+from leasesite.locks import lock_holder
 from tokens.models import (
     LIVE_RUN_STATUSES,
     BaomingToken,
@@ -17,8 +19,10 @@ from tokens.models import (
     RunKind,
     RunStatus,
     TokenCheckRecord,
+    TokenDeletion,
     TokenHealth,
 )
+from tokens.services.runs import REFRESH_LOCK_NAME
 
 
 def tokens_last_activity() -> Coalesce:
@@ -96,3 +100,64 @@ def token_recent_checks(*, token_pk: int, limit: int | None = None) -> list[Toke
     limit = limit or settings.TOKEN_HISTORY_PER_TOKEN
     fields = ("id", "token_pk", "run_id", "checked_at", "outcome", "message", "http_status")
     return list(TokenCheckRecord.objects.filter(token_pk=token_pk).order_by("-checked_at", "-id").only(*fields)[:limit])
+
+
+def refresh_run_holding_lock() -> RefreshRun | None:
+    """The live refresh run that holds the refresh lock now, if the lock is held by one."""
+    holder = lock_holder(name=REFRESH_LOCK_NAME)
+    if holder is None or not holder.owner:
+        return None
+    return (
+        RefreshRun.objects.filter(kind=RunKind.REFRESH, lock_owner=holder.owner, status__in=LIVE_RUN_STATUSES)
+        .order_by("-id")
+        .first()
+    )
+
+
+def _bounded(rows: list, *, limit: int, count: QuerySet) -> tuple[list, int]:
+    """``rows`` (at most ``limit`` of ``count``) and the size of ``count``, counted only when needed."""
+    return rows, (count.count() if len(rows) >= limit else len(rows))
+
+
+def run_deletions(*, run_id: int, limit: int) -> tuple[list[TokenDeletion], int]:
+    """The first ``limit`` audit records of the tokens a run deleted, and how many there are."""
+    queryset = TokenDeletion.objects.filter(run_id=run_id)
+    fields = ("id", "token_pk", "card_name", "user_name", "token_masked", "reason", "detail", "deleted_at")
+    rows = list(queryset.order_by("deleted_at", "id").only(*fields)[:limit])
+    return _bounded(rows, limit=limit, count=queryset)
+
+
+@dataclass(frozen=True)
+class RunTokenResult:
+    """One per-token check of a run, with the token (only its names) while it is still stored,
+    else the audit record of its deletion (if any)."""
+
+    check: TokenCheckRecord
+    token: BaomingToken | None
+    deletion: TokenDeletion | None
+
+
+def run_token_results(*, run_id: int, limit: int) -> tuple[list[RunTokenResult], int]:
+    """The first ``limit`` stored per-token checks of a run in check order, and how many the run
+    has stored (history is trimmed per token, so an old run may keep fewer than it made).
+
+    At most four queries whatever the size of the run; never loads a token's value.
+    """
+    queryset = TokenCheckRecord.objects.filter(run_id=run_id)
+    fields = ("id", "token_pk", "run_id", "checked_at", "outcome", "message", "http_status")
+    checks = list(queryset.order_by("checked_at", "id").only(*fields)[:limit])
+    token_ids = {check.token_pk for check in checks}
+    tokens: dict[int, BaomingToken] = {}
+    deletions: dict[int, TokenDeletion] = {}
+    if token_ids:
+        tokens = {t.pk: t for t in BaomingToken.objects.filter(pk__in=token_ids).only("id", "card_name", "user_name")}
+        missing = token_ids - tokens.keys()
+        if missing:
+            for deletion in (
+                TokenDeletion.objects.filter(token_pk__in=missing)
+                .order_by("deleted_at", "id")
+                .only("id", "token_pk", "card_name", "user_name")
+            ):
+                deletions[deletion.token_pk] = deletion  # the latest one wins
+    results = [RunTokenResult(check, tokens.get(check.token_pk), deletions.get(check.token_pk)) for check in checks]
+    return _bounded(results, limit=limit, count=queryset)

@@ -254,7 +254,7 @@ def test_a_dead_team_takes_no_redemptions_and_an_operator_can_mark_it_healthy(
     with caplog.at_level(logging.INFO, logger="leasesite.alerts"):
         response = admin_client.post(
             reverse("admin:leases_team_changelist"),
-            {"action": "mark_healthy", "_selected_action": [dead.pk]},
+            {"action": "mark_healthy", "_selected_action": [dead.pk], "confirmed": "yes"},
         )
     assert response.status_code == 302
     dead.refresh_from_db()

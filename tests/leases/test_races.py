@@ -145,7 +145,8 @@ def _cancel_through_the_admin(lease: MemberLease, admin_user) -> str:
     client = Client()
     client.force_login(admin_user)
     response = client.post(
-        reverse("admin:leases_memberlease_changelist"), {"action": "cancel_leases", "_selected_action": [lease.pk]}
+        reverse("admin:leases_memberlease_changelist"),
+        {"action": "cancel_leases", "_selected_action": [lease.pk], "confirmed": "yes"},
     )
     assert response.status_code == 302
     texts = [str(m) for m in get_messages(response.wsgi_request)]
@@ -159,7 +160,9 @@ def _cancel_through_the_admin(lease: MemberLease, admin_user) -> str:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("cancel", [_cancel_through_the_service, _cancel_through_the_admin], ids=["service", "admin"])
-def test_cancel_while_a_worker_is_inside_the_invite_call(provider, make_team, make_lease, admin_user, settings, cancel):
+def test_cancel_while_a_worker_is_inside_the_invite_call(
+    provider, make_team, make_lease, admin_user, settings, cancel, eager_tasks
+):
     """An operator cancels a lease while the transfer executor waits for the provider to answer
     its invite into the next team. The worker holds the lease, so the cancel is left as a request;
     the worker honours it before its next provider call: the lease ends cancelled, the customer is
