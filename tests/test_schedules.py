@@ -92,3 +92,19 @@ def test_the_migration_renames_and_reverses(django_db_blocker):
     migration.rename_back(apps, None)
     assert PeriodicTask.objects.filter(name="tokens: refresh all tokens").exists()
     assert not PeriodicTask.objects.filter(name=name).exists()
+
+
+def test_beat_adds_no_untranslated_result_cleanup_schedule():
+    """Results are disabled, so Celery's own ``celery.backend_cleanup`` entry would clean nothing;
+    it would only show up in the console as the one schedule not in the operators' language."""
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    from leasesite.celery import app
+
+    # The scheduler's own start-up step, without the scheduler's database connection handling.
+    scheduler = DatabaseScheduler.__new__(DatabaseScheduler)
+    scheduler.app = app
+    installed: dict = {}
+    scheduler.update_from_dict = installed.update
+    scheduler.install_default_entries({})
+    assert "celery.backend_cleanup" not in installed

@@ -1,7 +1,8 @@
 """Default periodic tasks installed under their English names get the translated name.
 
 Operators' edits (enabled, interval, arguments) stay: only ``name`` changes. Reversible: the
-reverse renames back to the English key.
+reverse renames back to the English key. Celery's own ``celery.backend_cleanup`` entry goes:
+no results are stored (``CELERY_RESULT_EXPIRES = None`` stops beat adding it again).
 """
 
 from django.db import migrations
@@ -10,7 +11,9 @@ from django.db import migrations
 def rename_forward(apps, schema_editor):
     from leasesite.schedules import schedules_rename
 
-    schedules_rename(apps.get_model("django_celery_beat", "PeriodicTask"))
+    periodic_task = apps.get_model("django_celery_beat", "PeriodicTask")
+    schedules_rename(periodic_task)
+    periodic_task.objects.filter(name="celery.backend_cleanup", task="celery.backend_cleanup").delete()
 
 
 def rename_back(apps, schema_editor):
