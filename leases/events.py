@@ -28,8 +28,9 @@ def _event(action: str, **detail: Any) -> Event:
     return {"action": LeaseAction(action), "detail": {k: v for k, v in detail.items() if v is not None}}
 
 
-def redeemed(*, code: str, team: Team, term_months: int) -> Event:
-    return _event(LeaseAction.REDEEMED, code=code, team=team.name, term_months=term_months)
+def redeemed(*, code: str, team: Team, term_months: int, reopens: int | None = None) -> Event:
+    """``reopens``: the expired lease (within the renewal grace period) this redemption continues."""
+    return _event(LeaseAction.REDEEMED, code=code, team=team.name, term_months=term_months, reopens=reopens)
 
 
 def invited(*, team: Team, transfer: bool = False, reason: str = "") -> Event:
@@ -164,3 +165,31 @@ def note(*, text: str, **extra: Any) -> Event:
 def imported(*, source: str, **detail: Any) -> Event:
     """The old row's values as they were, empty ones included (what the import saw)."""
     return {"action": LeaseAction.IMPORTED, "detail": {**detail, "source": source}}
+
+
+def waiting(*, code: str, pool: str, term_months: int) -> Event:
+    """Redeemed while no team of ``pool`` had a free seat: the lease joins the waiting list."""
+    return _event(LeaseAction.WAITING, code=code, pool=pool, term_months=term_months)
+
+
+def seated(*, team: Team, waited_since: datetime) -> Event:
+    """A seat freed: the waiting lease gets ``team`` (and is invited next)."""
+    return _event(LeaseAction.SEATED, team=team.name, waited_since=_iso(waited_since))
+
+
+def renewed(
+    *, code: str, months: int, total_months: int, ends_at_before: datetime | None, ends_at: datetime | None
+) -> Event:
+    return _event(
+        LeaseAction.RENEWED,
+        code=code,
+        months=months,
+        total_months=total_months,
+        ends_at_before=_iso(ends_at_before),
+        ends_at=_iso(ends_at),
+    )
+
+
+def reminded(*, kind: str, days: int | None, ends_at: datetime | None, to: str) -> Event:
+    """A reminder mail went out: ``kind`` ``ends`` (``days`` before ``ends_at``) or ``accept``."""
+    return _event(LeaseAction.REMINDED, kind=kind, days=days, ends_at=_iso(ends_at), to=to)

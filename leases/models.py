@@ -23,6 +23,7 @@ from leasesite.fields import EncryptedTextField
 
 
 class LeaseStatus(models.TextChoices):
+    WAITING = "waiting", _("waiting for a seat")
     PENDING = "pending", _("pending (invited)")
     ACTIVE = "active", _("active")
     TRANSFERRING = "transferring", _("transferring")
@@ -53,17 +54,24 @@ class LeaseAction(models.TextChoices):
     EDITED = "edited", _("edited by operator")
     IMPORTED = "imported", _("imported from the old system")
     NOTE = "note", _("note")
+    WAITING = "waiting", _("queued for a seat")
+    SEATED = "seated", _("seat found (left the waiting list)")
+    RENEWED = "renewed", _("renewed")
+    REMINDED = "reminded", _("reminded")
 
 
 FINAL_STATUSES = frozenset({LeaseStatus.CANCELLED, LeaseStatus.EXPIRED})
 NON_FINAL_STATUSES = tuple(s for s in LeaseStatus if s not in FINAL_STATUSES)
 # A lease in one of these holds a seat in ``team`` (a pending invite counts as a used seat; a
-# failed lease may still be seated, so it keeps its seat until an operator decides).
-SEAT_HOLDING_STATUSES = NON_FINAL_STATUSES
+# failed lease may still be seated, so it keeps its seat until an operator decides). A waiting
+# lease has no team and holds nothing.
+SEAT_HOLDING_STATUSES = tuple(s for s in NON_FINAL_STATUSES if s != LeaseStatus.WAITING)
 
 # The state machine (DESIGN §5). Anything not listed is refused by the transition function.
 # pending -> transferring: a pending lease of a dead team is evacuated to a healthy team.
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    # waiting -> pending: a seat freed, the lease is seated in a team and invited.
+    LeaseStatus.WAITING: frozenset({LeaseStatus.PENDING, LeaseStatus.CANCELLED}),
     LeaseStatus.PENDING: frozenset({LeaseStatus.ACTIVE, LeaseStatus.TRANSFERRING, LeaseStatus.CANCELLED}),
     LeaseStatus.ACTIVE: frozenset(
         {LeaseStatus.TRANSFERRING, LeaseStatus.EXPIRED, LeaseStatus.CANCELLED, LeaseStatus.FAILED}
@@ -81,8 +89,11 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
 # Steps: actions that write a lease's workflow fields without changing its status. The
 # transition function refuses a step its status does not list, like a transition the table above
 # does not list.
-_OPEN_STEPS = frozenset({LeaseAction.NOTE, LeaseAction.EDITED, LeaseAction.CANCEL_REQUESTED})
+_OPEN_STEPS = frozenset(
+    {LeaseAction.NOTE, LeaseAction.EDITED, LeaseAction.CANCEL_REQUESTED, LeaseAction.RENEWED, LeaseAction.REMINDED}
+)
 STEP_ACTIONS: dict[str, frozenset[str]] = {
+    LeaseStatus.WAITING: _OPEN_STEPS,
     LeaseStatus.PENDING: _OPEN_STEPS
     | {LeaseAction.INVITED, LeaseAction.INVITE_FAILED, LeaseAction.REINVITED, LeaseAction.SEAT_NOT_FREED},
     LeaseStatus.ACTIVE: _OPEN_STEPS | {LeaseAction.MEMBER_SEEN},
@@ -169,7 +180,12 @@ class MemberLease(models.Model):
 
     public_id = models.UUIDField(_("public id"), default=uuid.uuid4, unique=True, editable=False)
     email = models.EmailField(_("email"), max_length=254)
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="leases", verbose_name=_("team"))
+    # Null only while waiting for a seat (DESIGN §5).
+    team = models.ForeignKey(
+        Team, on_delete=models.PROTECT, null=True, blank=True, related_name="leases", verbose_name=_("team")
+    )
+    # The pool of the code it was redeemed with: its teams, transfers and place in the queue.
+    pool = models.CharField(_("pool"), max_length=50, default="default", db_index=True)
     term_months = models.PositiveSmallIntegerField(_("term (months)"))
     total_months = models.PositiveSmallIntegerField(_("entitlement (months)"), null=True, blank=True)
     created_at = models.DateTimeField(_("redeemed at"), default=timezone.now, editable=False)
@@ -250,6 +266,15 @@ class MemberLease(models.Model):
                 condition=models.Q(cancel_requested_at__isnull=True) | models.Q(status__in=NON_FINAL_STATUSES),
                 name="lease_cancel_request_only_while_open",
             ),
+            # A lease has a team unless it is waiting for one — and a waiting lease has none and
+            # was never invited; cancelled while waiting, it stays without one.
+            models.CheckConstraint(
+                condition=models.Q(status=LeaseStatus.WAITING, team__isnull=True, invited_at__isnull=True)
+                | models.Q(status=LeaseStatus.CANCELLED, team__isnull=True, invited_at__isnull=True)  # never seated
+                | (~models.Q(status=LeaseStatus.WAITING) & models.Q(team__isnull=False)),
+                name="lease_team_unless_waiting",
+            ),
+            models.CheckConstraint(condition=~models.Q(pool=""), name="lease_pool_set"),
             models.CheckConstraint(
                 condition=models.Q(claimed_until__isnull=True) | ~models.Q(claimed_by=""),
                 name="lease_claim_has_owner",
@@ -283,7 +308,8 @@ class MemberLease(models.Model):
     def __str__(self) -> str:
         # The team's name and the status in the operator's words (admin titles, breadcrumbs,
         # history). Lists select_related("team"), so this costs no query there.
-        return f"{self.email} @ {self.team.name} ({self.get_status_display()})"
+        where = self.team.name if self.team_id else _("no team yet")
+        return f"{self.email} @ {where} ({self.get_status_display()})"
 
 
 class AppendOnlyError(Exception):
@@ -379,15 +405,17 @@ class RedemptionCode(models.Model):
     total_months = models.PositiveSmallIntegerField(_("entitlement (months)"), null=True, blank=True)
     created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
     redeemed_at = models.DateTimeField(_("redeemed at"), null=True, blank=True)
-    lease = models.OneToOneField(
+    # Several codes point at one lease when they renewed it (the first one redeemed it).
+    lease = models.ForeignKey(
         MemberLease,
         on_delete=models.PROTECT,
         null=True,
         blank=True,
-        related_name="redemption_code",
+        related_name="redemption_codes",
         verbose_name=_("lease"),
     )
     batch = models.CharField(_("batch"), max_length=100, blank=True, db_index=True)
+    pool = models.CharField(_("pool"), max_length=50, default="default", db_index=True)
 
     class Meta:
         verbose_name = _("redemption code")
@@ -403,6 +431,7 @@ class RedemptionCode(models.Model):
                 name="redemptioncode_redeemed_iff_lease",
             ),
             models.CheckConstraint(condition=models.Q(term_months__gte=1), name="redemptioncode_term_positive"),
+            models.CheckConstraint(condition=~models.Q(pool=""), name="redemptioncode_pool_set"),
             models.CheckConstraint(
                 condition=models.Q(total_months__isnull=True) | models.Q(total_months__gte=models.F("term_months")),
                 name="redemptioncode_total_covers_term",

@@ -119,6 +119,22 @@ def lease_by_public_id(public_id: str) -> MemberLease | None:
         return None
 
 
+def lease_by_code_and_email(*, code: str, email: str) -> MemberLease | None:
+    """The lease a code was redeemed for (the newest, when it renewed one), if ``email`` is its
+    email; None for any mismatch (which half was wrong is not told)."""
+    from leases.models import RedemptionCode
+    from leases.services.redemption import code_normalize
+
+    redemption = (
+        RedemptionCode.objects.select_related("lease")
+        .filter(code__iexact=code_normalize(code), lease__isnull=False)
+        .first()
+    )
+    if redemption is None or redemption.lease.email.lower() != (email or "").strip().lower():
+        return None
+    return redemption.lease
+
+
 def failed_leases_of_team(team: Team) -> QuerySet[MemberLease]:
     """Failed leases that failed on ``team``: seated there, or whose transfer gave up on a call to
     it (the ``transfer_failed`` event names the team that failed). One query."""

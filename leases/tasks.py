@@ -46,3 +46,12 @@ def free_seats(lease_id: int, seats: list[list], actor_id: int | None = None) ->
     return lease_seats_free(
         lease_id=lease_id, seats=[(team_id, member_id) for team_id, member_id in seats], actor_id=actor_id
     )
+
+
+@shared_task(name="leases.send_reminders", ignore_result=True)
+def send_reminders() -> dict[str, int]:
+    """Reminder mails to customers: seats ending in LEASE_REMINDER_DAYS days, invitations not
+    accepted after LEASE_ACCEPT_REMINDER_DAYS days. Each goes out once (recorded as an event)."""
+    from leases.services.reminders import reminders_send
+
+    return reminders_send().summary()

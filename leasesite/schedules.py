@@ -102,6 +102,13 @@ DEFAULT_SCHEDULES: list[DefaultSchedule] = [
         every_minutes=60,
         expire_seconds=90 * 60,
     ),
+    DefaultSchedule(
+        key="leases: customer reminders",
+        title=_("Customer reminders"),
+        task="leases.send_reminders",
+        crontab=("0", "10", "*"),
+        expire_seconds=12 * 3600,
+    ),
 ]
 
 

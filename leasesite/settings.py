@@ -310,6 +310,11 @@ LEASE_REDEEM_RATE_LIMIT = env_int("LEASE_REDEEM_RATE_LIMIT", 10, minimum=1)
 LEASE_REDEEM_RATE_WINDOW = env_int("LEASE_REDEEM_RATE_WINDOW", 600, minimum=1)
 # Behind a reverse proxy, the client address is the last hop of X-Forwarded-For.
 LEASE_REDEEM_TRUST_X_FORWARDED_FOR = env_bool("LEASE_REDEEM_TRUST_X_FORWARDED_FOR", False)
+# A code redeemed by the email of a lease that expired at most this many days ago continues it: a
+# fresh lease, in the team it was last in when that team has a free seat (DESIGN §5).
+LEASE_RENEWAL_GRACE_DAYS = env_int("LEASE_RENEWAL_GRACE_DAYS", 7, minimum=0, maximum=3650)
+# An alert (once per change) when a pool's free seats fall below this, or its waiting list grows.
+LEASE_LOW_SEATS = env_int("LEASE_LOW_SEATS", 3, minimum=0, maximum=100_000)
 
 # --- Alerts -----------------------------------------------------------------------------------------
 NOTIFY_URLS = env_list("NOTIFY_URLS")
@@ -339,3 +344,86 @@ LOGGING = {
         "django.db.backends": {"level": "INFO"},
     },
 }
+
+# --- Customer mail and reminders (DESIGN §2) --------------------------------------------------------
+_EMAIL_SCHEMES = {"smtp": (25, False, False), "smtp+tls": (587, True, False), "smtp+ssl": (465, False, True)}
+_EMAIL_URL_HINT = (
+    "EMAIL_URL must look like smtp://user:password@host:port, smtp+tls://... or smtp+ssl://... "
+    "(percent-encode @ : / ? # in the user name and password)"
+)
+
+
+def _email_settings(url: str) -> tuple[str, str, int, str, str, bool, bool]:
+    """``EMAIL_URL`` → (backend, host, port, user, password, use_tls, use_ssl). Errors never quote
+    the URL or any part of its user:password@host:port: a malformed one may hold the password
+    where the host or port should be."""
+    from urllib.parse import unquote, urlsplit
+
+    if not url:
+        return "django.core.mail.backends.console.EmailBackend", "localhost", 25, "", "", False, False
+    if "://" not in url:
+        raise ImproperlyConfigured(f"{_EMAIL_URL_HINT}; it has no scheme")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in _EMAIL_SCHEMES:
+        raise ImproperlyConfigured(f"{_EMAIL_URL_HINT}; scheme {scheme[:20]!r} is not supported")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ImproperlyConfigured(f"{_EMAIL_URL_HINT}; its host or port is malformed (port: 1-65535)") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ImproperlyConfigured(f"{_EMAIL_URL_HINT}; it must not have a path, query or fragment")
+    if not parts.hostname:
+        raise ImproperlyConfigured(f"{_EMAIL_URL_HINT}; it names no host")
+    if port == 0:
+        raise ImproperlyConfigured(f"{_EMAIL_URL_HINT}; its port must be 1-65535")
+    if parts.password and not parts.username:
+        raise ImproperlyConfigured(f"{_EMAIL_URL_HINT}; it has a password but no user name")
+    default_port, use_tls, use_ssl = _EMAIL_SCHEMES[scheme]
+    return (
+        "django.core.mail.backends.smtp.EmailBackend",
+        parts.hostname,
+        port or default_port,
+        unquote(parts.username or ""),
+        unquote(parts.password or ""),
+        use_tls,
+        use_ssl,
+    )
+
+
+# Outgoing mail to customers. Unset: the console backend prints every mail to the log.
+(
+    EMAIL_BACKEND,
+    EMAIL_HOST,
+    EMAIL_PORT,
+    EMAIL_HOST_USER,
+    EMAIL_HOST_PASSWORD,
+    EMAIL_USE_TLS,
+    EMAIL_USE_SSL,
+) = _email_settings(env_str("EMAIL_URL"))
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10, minimum=1, maximum=600)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL") or "leasesite <noreply@localhost>"
+if "@" not in DEFAULT_FROM_EMAIL or "\n" in DEFAULT_FROM_EMAIL or "\r" in DEFAULT_FROM_EMAIL:
+    raise ImproperlyConfigured(
+        f"DEFAULT_FROM_EMAIL must be an address such as 'leasesite <noreply@example.com>', got {DEFAULT_FROM_EMAIL!r}"
+    )
+# Links in customer mails are absolute: the site's public address (where /redeem/ is served).
+LEASE_PUBLIC_BASE_URL = (env_str("LEASE_PUBLIC_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
+if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", LEASE_PUBLIC_BASE_URL):
+    raise ImproperlyConfigured(
+        "LEASE_PUBLIC_BASE_URL must be the site's public address, http(s)://host[:port][/path] without query "
+        f"or fragment (e.g. https://seats.example.com), got {LEASE_PUBLIC_BASE_URL!r}"
+    )
+# Days before a lease's ends_at that its customer gets a reminder mail, largest first. Blank: 7,3,1.
+_reminder_days = env_list("LEASE_REMINDER_DAYS") or ["7", "3", "1"]
+if len(_reminder_days) > 10 or not all(re.fullmatch(r"[0-9]{1,3}", d) and 1 <= int(d) <= 365 for d in _reminder_days):
+    raise ImproperlyConfigured(
+        "LEASE_REMINDER_DAYS must be at most 10 comma-separated whole days between 1 and 365 (e.g. 7,3,1), "
+        f"got {env_str('LEASE_REMINDER_DAYS')!r}"
+    )
+LEASE_REMINDER_DAYS = sorted({int(d) for d in _reminder_days}, reverse=True)
+# A pending lease whose invitation is this many days old gets one "accept your invitation" mail
+# (one more after each new invitation); 0: none.
+LEASE_ACCEPT_REMINDER_DAYS = env_int("LEASE_ACCEPT_REMINDER_DAYS", 3, minimum=0, maximum=365)
+# A reminder run with at least this many failed mails alerts (once per ALERT_DEDUP_SECONDS).
+LEASE_REMINDER_FAILURE_ALERT = env_int("LEASE_REMINDER_FAILURE_ALERT", 5, minimum=1)

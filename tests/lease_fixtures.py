@@ -49,11 +49,15 @@ _emails = itertools.count(1)
 def make_lease() -> Callable[..., MemberLease]:
     """A lease in any state, written directly (set-up only; the code under test uses services)."""
 
-    def factory(team: Team, status: str = LeaseStatus.PENDING, **kwargs: object) -> MemberLease:
+    def factory(team: Team | None, status: str = LeaseStatus.PENDING, **kwargs: object) -> MemberLease:
         now = timezone.now()
         kwargs.setdefault("email", f"user{next(_emails)}@example.com")
         kwargs.setdefault("term_months", 1)
+        if status == LeaseStatus.WAITING:  # no team, never invited (a constraint)
+            team, kwargs["invited_at"] = None, None
         kwargs.setdefault("invited_at", now - timedelta(days=1))
+        if team is not None:
+            kwargs.setdefault("pool", team.pool)
         if status in (LeaseStatus.ACTIVE, LeaseStatus.FAILED, LeaseStatus.TRANSFERRING):
             kwargs.setdefault("joined_at", now - timedelta(days=20))
             kwargs.setdefault("expires_at", now + timedelta(days=10))

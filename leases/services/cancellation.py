@@ -37,7 +37,7 @@ class CancelOutcome:
 
 def _seats_to_free(lease: MemberLease) -> list[tuple[Team, str]]:
     """The old team (its member id, if known) and, mid-transfer, the team already invited to."""
-    seats = [(lease.team, lease.provider_member_id)]
+    seats = [(lease.team, lease.provider_member_id)] if lease.team_id else []  # a waiting lease has none
     if lease.transfer_team_id and lease.transfer_step == TransferStep.INVITED:
         seats.append((lease.transfer_team, ""))
     return seats
@@ -104,6 +104,10 @@ def lease_seats_free(*, lease_id: int, seats: list[tuple[Team | int, str]], acto
             not_freed.append(team.name)
             continue
         lease_step(lease_id=lease.pk, actor_id=actor_id, **events.left_old_team(team=team, freed=freed))
+    # The freed seat goes to the waiting list first (first come, first served).
+    from leases.services.waiting import waiting_drain
+
+    waiting_drain(pool=lease.pool)
     return not_freed
 
 

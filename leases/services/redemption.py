@@ -7,7 +7,9 @@ import io
 import re
 import secrets
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
@@ -19,7 +21,8 @@ from leases import events
 from leases.models import NON_FINAL_STATUSES, LeaseEvent, LeaseStatus, MemberLease, RedemptionCode, Team
 from leases.selectors import team_choices
 from leases.services.invites import lease_invite
-from leases.services.transitions import LeaseError
+from leases.services.transitions import LeaseError, lease_step
+from leases.timeutils import add_months
 
 # No 0/O, 1/I/L: codes are read aloud and typed from screenshots.
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
@@ -61,8 +64,24 @@ def code_new() -> str:
     return "-".join(raw[i : i + CODE_GROUP_SIZE] for i in range(0, len(raw), CODE_GROUP_SIZE))
 
 
-def codes_generate(*, count: int, term_months: int, total_months: int | None = None, batch: str = "") -> list[str]:
-    """Create ``count`` new codes in one batch; returns them. All or nothing."""
+POOL_PATTERN = re.compile(r"[\w.-]{1,50}")
+
+
+def pool_normalize(pool: str | None) -> str:
+    """A pool label (letters, digits, ``_ . -``, at most 50); empty means ``default``."""
+    value = (pool or "").strip() or "default"
+    if not POOL_PATTERN.fullmatch(value):
+        raise LeaseError(
+            _("A pool is a short label of letters, digits, _ . or - (at most 50), got %(pool)r.") % {"pool": value[:60]}
+        )
+    return value
+
+
+def codes_generate(
+    *, count: int, term_months: int, total_months: int | None = None, batch: str = "", pool: str = "default"
+) -> list[str]:
+    """Create ``count`` new codes in one batch of ``pool``; returns them. All or nothing."""
+    pool = pool_normalize(pool)
     if not 1 <= count <= MAX_CODES_PER_BATCH:
         raise LeaseError(_("The number of codes must be between 1 and %(max)d.") % {"max": MAX_CODES_PER_BATCH})
     if term_months < 1:
@@ -78,7 +97,9 @@ def codes_generate(*, count: int, term_months: int, total_months: int | None = N
             with transaction.atomic():
                 RedemptionCode.objects.bulk_create(
                     [
-                        RedemptionCode(code=code, term_months=term_months, total_months=total_months, batch=batch)
+                        RedemptionCode(
+                            code=code, term_months=term_months, total_months=total_months, batch=batch, pool=pool
+                        )
                         for code in codes
                     ]
                 )
@@ -88,7 +109,7 @@ def codes_generate(*, count: int, term_months: int, total_months: int | None = N
     raise LeaseError(_("Could not generate unique codes; try again."))
 
 
-CSV_HEADER = ["code", "term_months", "total_months", "batch", "created_at", "redeemed_at", "email"]
+CSV_HEADER = ["code", "term_months", "total_months", "batch", "created_at", "redeemed_at", "email", "pool"]
 # A cell starting with one of these is a formula to Excel/LibreOffice (CSV injection, OWASP).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -117,6 +138,7 @@ def codes_export_csv(codes: Iterable[RedemptionCode]) -> str:
                 timezone.localtime(code.created_at).isoformat(timespec="seconds"),
                 timezone.localtime(code.redeemed_at).isoformat(timespec="seconds") if code.redeemed_at else "",
                 code.lease.email if code.lease_id else "",
+                code.pool,
             ]
         )
     return out.getvalue()
@@ -125,9 +147,25 @@ def codes_export_csv(codes: Iterable[RedemptionCode]) -> str:
 ALREADY_SEATED = gettext_lazy("This email already has a seat. Check its status page, or contact support to extend it.")
 
 
+MAX_TOTAL_MONTHS = 1200  # a renewal never grows an entitlement past a hundred years
+
+
+class RenewalRefusedError(RedemptionError):
+    pass
+
+
 def code_redeem(*, code: str, email: str, invite_later: bool = False) -> MemberLease:
-    """Redeem ``code`` for ``email``: exactly one lease per code, even under a double submit, and
-    one open lease per email, even when several codes are redeemed for it at the same moment.
+    """Redeem ``code`` for ``email`` (DESIGN §5): exactly one lease per code, even under a double
+    submit, and one open lease per email, even when several codes are redeemed for it at once.
+
+    - No open lease: a new lease in a team of the code's pool with a free seat (``pending``,
+      invited after the commit), or — every team full — a ``waiting`` lease, seated first come,
+      first served as seats free (``leases.services.waiting``). An email whose lease expired at
+      most ``LEASE_RENEWAL_GRACE_DAYS`` ago continues it: a fresh lease, in its last team when
+      that team has a free seat.
+    - An open lease of this email: the code renews it — its entitlement grows by the code's
+      ``total_months`` (else ``term_months``); a lease rotating until cancelled (no entitlement
+      end) refuses, and the code stays unused.
 
     The code row is locked (PostgreSQL; SQLite's IMMEDIATE transactions serialize writers), so a
     second submission waits and then sees the code used. The same email submitting the same code
@@ -143,23 +181,35 @@ def code_redeem(*, code: str, email: str, invite_later: bool = False) -> MemberL
     if not canonical:
         raise RedemptionError(_("Enter a redemption code."))
     try:
-        lease, created = _redeem_in_transaction(canonical=canonical, email=email)
+        lease, outcome = _redeem_in_transaction(canonical=canonical, email=email)
     except IntegrityError:
         if MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).exists():
             raise RedemptionError(str(ALREADY_SEATED)) from None
         raise
-    if created and invite_later:
-        from leases.tasks import invite_lease
+    if outcome in ("waiting", "renewed"):
+        lowseats_check_later(pool=lease.pool)
+    elif outcome == "created":
+        lowseats_check_later(pool=lease.pool)
+        if invite_later:
+            from leases.tasks import invite_lease
 
-        transaction.on_commit(lambda: invite_lease.delay(lease_id=lease.pk))
-    elif created:
-        lease_invite(lease_id=lease.pk)
-        lease.refresh_from_db()
+            transaction.on_commit(lambda: invite_lease.delay(lease_id=lease.pk))
+        else:
+            lease_invite(lease_id=lease.pk)
+            lease.refresh_from_db()
     return lease
 
 
-def _redeem_in_transaction(*, canonical: str, email: str) -> tuple[MemberLease, bool]:
-    """The lease and whether this call created it (a double submit gets the existing one)."""
+def lowseats_check_later(*, pool: str) -> None:
+    """The low-seat alert looks at the pool after the commit (never failing the redemption)."""
+    from leases.services.lowseats import lowseats_check
+
+    transaction.on_commit(lambda: lowseats_check(pool=pool))
+
+
+def _redeem_in_transaction(*, canonical: str, email: str) -> tuple[MemberLease, str]:
+    """The lease and what happened: ``created``, ``waiting``, ``renewed`` or ``repeat`` (a double
+    submit gets the existing lease)."""
     now = timezone.now()
     with transaction.atomic():
         try:
@@ -169,38 +219,129 @@ def _redeem_in_transaction(*, canonical: str, email: str) -> tuple[MemberLease, 
         if redemption.redeemed_at is not None:
             lease = redemption.lease
             if lease is not None and lease.email == email:
-                return lease, False  # a double submit by the same customer
+                return lease, "repeat"  # a double submit by the same customer
             raise CodeAlreadyUsedError(_("This code has already been used."))
-        if MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).exists():
-            raise RedemptionError(str(ALREADY_SEATED))
-        # Lock every active team (in one order) while counting seats, so two redemptions never take
-        # the same last seat.
-        list(Team.objects.filter(is_active=True).order_by("pk").select_for_update().values_list("pk", flat=True))
-        choices = team_choices(term_months=redemption.term_months, email=email, now=now)
+        open_lease = (
+            MemberLease.objects.select_for_update().filter(email__iexact=email, status__in=NON_FINAL_STATUSES).first()
+        )
+        if open_lease is not None:
+            return _renew(open_lease, redemption, now), "renewed"
+        # Lock the pool's active teams (in one order) while counting seats, so two redemptions
+        # (or a redemption and a waiting-list drain) never take the same last seat.
+        pool = redemption.pool
+        list(
+            Team.objects.filter(is_active=True, pool=pool)
+            .order_by("pk")
+            .select_for_update()
+            .values_list("pk", flat=True)
+        )
+        previous = _recently_expired(email=email, now=now)
+        choices = team_choices(term_months=redemption.term_months, email=email, pool=pool, now=now)
         if not choices:
-            raise NoSeatsAvailableError(_("No seats are available right now. Your code was not used; try again later."))
+            return _queue(redemption, email=email, pool=pool, now=now), "waiting"
         team = choices[0].team
+        if previous is not None:  # within the grace period: back to its last team if it has room
+            team = next((c.team for c in choices if c.team.pk == previous.team_id), team)
         lease = MemberLease.objects.create(
             email=email,
             team=team,
+            pool=pool,
             term_months=redemption.term_months,
             total_months=redemption.total_months,
             status=LeaseStatus.PENDING,
             created_at=now,
         )
-        claimed = RedemptionCode.objects.filter(pk=redemption.pk, redeemed_at__isnull=True).update(
-            redeemed_at=now, lease=lease
-        )
-        if claimed != 1:
-            raise CodeAlreadyUsedError(_("This code has already been used."))
+        _claim_code(redemption, lease, now)
         # Creation is not a transition (there is no "from"): the redemption event opens the history.
         LeaseEvent.objects.create(
             lease=lease,
             to_status=LeaseStatus.PENDING,
             created_at=now,
-            **events.redeemed(code=redemption.code, team=team, term_months=redemption.term_months),
+            **events.redeemed(
+                code=redemption.code,
+                team=team,
+                term_months=redemption.term_months,
+                reopens=previous.pk if previous is not None else None,
+            ),
         )
-    return lease, True
+    return lease, "created"
+
+
+def _claim_code(redemption: RedemptionCode, lease: MemberLease, now: datetime) -> None:
+    claimed = RedemptionCode.objects.filter(pk=redemption.pk, redeemed_at__isnull=True).update(
+        redeemed_at=now, lease=lease
+    )
+    if claimed != 1:
+        raise CodeAlreadyUsedError(_("This code has already been used."))
+
+
+def _queue(redemption: RedemptionCode, *, email: str, pool: str, now: datetime) -> MemberLease:
+    """Every team of the pool is full: a waiting lease (no team), seated when a seat frees."""
+    lease = MemberLease.objects.create(
+        email=email,
+        team=None,
+        pool=pool,
+        term_months=redemption.term_months,
+        total_months=redemption.total_months,
+        status=LeaseStatus.WAITING,
+        created_at=now,
+    )
+    _claim_code(redemption, lease, now)
+    LeaseEvent.objects.create(
+        lease=lease,
+        to_status=LeaseStatus.WAITING,
+        created_at=now,
+        **events.waiting(code=redemption.code, pool=pool, term_months=redemption.term_months),
+    )
+    return lease
+
+
+def _recently_expired(*, email: str, now: datetime) -> MemberLease | None:
+    grace = settings.LEASE_RENEWAL_GRACE_DAYS
+    if grace <= 0:
+        return None
+    return (
+        MemberLease.objects.filter(
+            email__iexact=email, status=LeaseStatus.EXPIRED, ends_at__gte=now - timedelta(days=grace)
+        )
+        .order_by("-ends_at", "-pk")
+        .first()
+    )
+
+
+def _renew(lease: MemberLease, redemption: RedemptionCode, now: datetime) -> MemberLease:
+    """The code extends the open lease's entitlement; one ``renewed`` event, the code points at it."""
+    if lease.pool != redemption.pool:
+        raise RenewalRefusedError(
+            _(
+                "This code is for another kind of seat than the one this email already has; it was not used. "
+                "Contact support."
+            )
+        )
+    if lease.total_months is None:
+        raise RenewalRefusedError(
+            _(
+                "This email's seat has no end date (it continues until cancelled), so there is nothing to extend. "
+                "The code was not used."
+            )
+        )
+    months = redemption.total_months or redemption.term_months
+    total = lease.total_months + months
+    if total > MAX_TOTAL_MONTHS:
+        raise RenewalRefusedError(_("This seat cannot be extended any further. The code was not used."))
+    ends_at = add_months(lease.ends_at, months) if lease.ends_at is not None else None
+    changes: dict = {"total_months": total}
+    if ends_at is not None:
+        changes["ends_at"] = ends_at
+    renewed = lease_step(
+        lease_id=lease.pk,
+        changes=changes,
+        **events.renewed(
+            code=redemption.code, months=months, total_months=total, ends_at_before=lease.ends_at, ends_at=ends_at
+        ),
+    )
+    _claim_code(redemption, renewed, now)
+    return renewed
 
 
 redeem = code_redeem  # the name operators and DESIGN use

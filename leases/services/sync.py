@@ -259,8 +259,17 @@ def joins_sync(
             leases__email__iexact=email, leases__status__in=(LeaseStatus.PENDING, LeaseStatus.ACTIVE)
         ).distinct()
     results = []
+    pools = set()
     for team in teams:
         result = team_sync_joins(team=team, email=email)
         logger.info("join sync %s", result.as_dict())
         results.append(result)
+        pools.add(team.pool)
+    # What the providers showed may have freed seats: the waiting list goes first.
+    from leases.services.lowseats import lowseats_check
+    from leases.services.waiting import waiting_drain
+
+    waiting_drain()
+    for pool in sorted(pools):
+        lowseats_check(pool=pool)
     return results

@@ -577,6 +577,11 @@ def transfers_run(
         result.outcomes.extend(outcomes)
         for outcome in outcomes:
             logger.info("transfer lease=%s %s %s", outcome.lease_id, outcome.outcome, outcome.detail)
+    if result.claimed:
+        # Expiries and cancels of this run freed seats: the waiting list goes first.
+        from leases.services.waiting import waiting_drain
+
+        waiting_drain()
     return result
 
 

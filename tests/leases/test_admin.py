@@ -393,11 +393,11 @@ def test_export_csv_lists_the_selected_codes_with_the_redeeming_email(admin_clie
     assert response["Content-Type"].startswith("text/csv")
     assert response["Content-Disposition"].startswith("attachment;")
     rows = list(csv.reader(io.StringIO(response.content.decode("utf-8-sig"))))
-    assert rows[0] == ["code", "term_months", "total_months", "batch", "created_at", "redeemed_at", "email"]
+    assert rows[0] == ["code", "term_months", "total_months", "batch", "created_at", "redeemed_at", "email", "pool"]
     by_code = {row[0]: row for row in rows[1:]}
     assert set(by_code) == {plain.code, used.code}
     assert by_code[plain.code][1:3] == ["1", "3"]
-    assert by_code[plain.code][5:] == ["", ""]
+    assert by_code[plain.code][5:] == ["", "", "default"]
     assert by_code[used.code][5] != ""
     assert by_code[used.code][6] == "buyer@example.com"
 

@@ -19,7 +19,7 @@ from leasesite.crypto import decrypt_secret
 
 pytestmark = pytest.mark.django_db
 
-CSV_HEADER = ["code", "term_months", "total_months", "batch", "created_at", "redeemed_at", "email"]
+CSV_HEADER = ["code", "term_months", "total_months", "batch", "created_at", "redeemed_at", "email", "pool"]
 
 
 def run(*args: str, **options: object) -> tuple[str, str]:

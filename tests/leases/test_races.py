@@ -112,7 +112,13 @@ def test_one_email_redeeming_several_codes_at_once_gets_one_seat(provider, make_
     assert lease.status == LeaseStatus.PENDING and lease.email == "same@example.com"
     assert outcomes.count(lease.pk) == 1
     refusals = [o for o in outcomes if isinstance(o, Exception)]
-    assert [str(e) for e in refusals] == [zh(ALREADY_SEATED)] * 4, outcomes
+    # A redemption that lost the insert race is told the email has a seat; one that came after
+    # the winner's commit tries to renew it, which a seat without an end date refuses.
+    no_end = zh(
+        "This email's seat has no end date (it continues until cancelled), so there is nothing to extend. "
+        "The code was not used."
+    )
+    assert len(refusals) == 4 and {str(e) for e in refusals} <= {zh(ALREADY_SEATED), no_end}, outcomes
     for code in codes:
         code.refresh_from_db()
     used = [code for code in codes if code.lease_id is not None]

@@ -10,7 +10,6 @@ from django.utils import timezone, translation
 from leases.models import LeaseAction, LeaseEvent, LeaseStatus, MemberLease, RedemptionCode
 from leases.services.redemption import (
     CodeAlreadyUsedError,
-    NoSeatsAvailableError,
     RedemptionError,
     code_normalize,
     codes_export_csv,
@@ -45,7 +44,7 @@ def test_codes_match_case_insensitively_and_without_dashes(provider, make_team):
     [code] = codes_generate(count=1, term_months=1)
     assert code_normalize(code.lower().replace("-", " ")) == code
     lease = redeem(code=code.lower().replace("-", ""), email="b@example.com")
-    assert lease.redemption_code.code == code
+    assert lease.redemption_codes.get().code == code
 
 
 def test_a_used_code_is_refused_and_nothing_changes(provider, make_team, make_code):
@@ -84,31 +83,34 @@ def test_bad_input_is_refused(provider, make_team, code, email, message):
     assert MemberLease.objects.count() == 0
 
 
-def test_no_free_seat_leaves_the_code_unused(provider, make_team, make_code, make_lease):
+def test_no_free_seat_queues_the_lease_on_the_waiting_list(provider, make_team, make_code, make_lease):
     team = make_team("alpha", capacity=1)
     make_lease(team)  # a pending invite holds the only seat
     code = make_code()
-    with pytest.raises(NoSeatsAvailableError):
-        redeem(code=code.code, email="late@example.com")
+    lease = redeem(code=code.code, email="late@example.com")
+    assert (lease.status, lease.team_id, lease.invited_at, lease.pool) == (LeaseStatus.WAITING, None, None, "default")
     code.refresh_from_db()
-    assert code.redeemed_at is None and code.lease_id is None
-    assert not MemberLease.objects.filter(email="late@example.com").exists()
+    assert code.redeemed_at is not None and code.lease_id == lease.pk
+    assert lease.events.get().action == LeaseAction.WAITING
+    assert provider.state.calls() == 0  # nobody was invited
 
 
 def test_seats_seen_at_the_provider_count_too(provider, make_team, make_code):
     team = make_team("alpha", capacity=3)
     team.members_seen, team.invites_seen = 2, 1  # people we do not lease
     team.save()
-    with pytest.raises(NoSeatsAvailableError):
-        redeem(code=make_code().code, email="x@example.com")
+    assert redeem(code=make_code().code, email="x@example.com").status == LeaseStatus.WAITING
 
 
-def test_email_with_an_open_lease_is_refused(provider, make_team, make_code, make_lease):
+def test_email_with_an_open_lease_without_an_end_refuses_the_renewal(provider, make_team, make_code, make_lease):
     team = make_team("alpha")
-    make_lease(team, LeaseStatus.ACTIVE, email="busy@example.com")
-    with translation.override("en"), pytest.raises(RedemptionError, match="already has a seat"):
-        redeem(code=make_code().code, email="busy@example.com")
+    make_lease(team, LeaseStatus.ACTIVE, email="busy@example.com")  # no entitlement end: rotates until cancelled
+    code = make_code()
+    with translation.override("en"), pytest.raises(RedemptionError, match="no end date"):
+        redeem(code=code.code, email="busy@example.com")
     assert MemberLease.objects.filter(email="busy@example.com").count() == 1
+    code.refresh_from_db()
+    assert code.redeemed_at is None
 
 
 def test_team_choice_prefers_covering_the_term_then_most_free_seats(provider, make_team, make_code, make_lease):

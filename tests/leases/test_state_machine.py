@@ -252,6 +252,9 @@ class LeaseWorld(RuleBasedStateMachine):
             email = lease.email.lower()
             assert email not in open_by_email, f"two open leases for {email}"
             open_by_email[email] = lease
+            if lease.status == LeaseStatus.WAITING:
+                assert lease.team_id is None  # a waiting lease holds no seat
+                continue
             seats_held[lease.team_id] += 1
             if lease.status == LeaseStatus.TRANSFERRING and lease.transfer_team_id:
                 seats_held[lease.transfer_team_id] += 1
@@ -265,7 +268,10 @@ class LeaseWorld(RuleBasedStateMachine):
         into the next team before it leaves the old one."""
         assert events, f"lease {lease.pk} has no history"
         first = events[0]
-        assert (first.action, first.from_status, first.to_status) == (LeaseAction.REDEEMED, "", LeaseStatus.PENDING)
+        assert (first.action, first.from_status, first.to_status) in {
+            (LeaseAction.REDEEMED, "", LeaseStatus.PENDING),
+            (LeaseAction.WAITING, "", LeaseStatus.WAITING),  # every seat taken: the waiting list
+        }
         status = first.to_status
         this_transfer: list[tuple[str, str | None]] = []
         for event in events[1:]:
@@ -297,7 +303,7 @@ class LeaseWorld(RuleBasedStateMachine):
         for email in EMAILS:
             lease = open_by_email.get(email)
             allowed = set()
-            if lease is not None:
+            if lease is not None and lease.team_id is not None:
                 allowed.add(by_name[lease.team_id])
                 if lease.transfer_team_id:
                     allowed.add(by_name[lease.transfer_team_id])

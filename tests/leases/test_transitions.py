@@ -30,6 +30,8 @@ pytestmark = pytest.mark.django_db
 
 # DESIGN §5's diagram, written out independently of the model's table.
 EXPECTED_ALLOWED = {
+    ("waiting", "pending"),  # a seat freed: seated and invited (DESIGN §5)
+    ("waiting", "cancelled"),
     ("pending", "active"),
     ("pending", "cancelled"),
     ("pending", "transferring"),  # evacuation of a dead team (DESIGN §4)
@@ -65,7 +67,8 @@ def _changes_for(to_status: str, other: Team) -> dict:
     if to_status == LeaseStatus.TRANSFERRING:
         return {"transfer_team": other}
     if to_status == LeaseStatus.PENDING:
-        return {"joined_at": None, "expires_at": None}  # a pending lease has not joined (a constraint)
+        # A pending lease has not joined, and has a team (constraints).
+        return {"joined_at": None, "expires_at": None, "team": other}
     return {}
 
 
@@ -288,6 +291,7 @@ def test_redeemed_code_points_at_exactly_one_lease(team, make_lease):
     _violates(lambda: RedemptionCode.objects.create(code="A-1", term_months=1, redeemed_at=timezone.now()))
     lease = make_lease(team)
     RedemptionCode.objects.create(code="A-2", term_months=1, redeemed_at=timezone.now(), lease=lease)
-    _violates(lambda: RedemptionCode.objects.create(code="A-3", term_months=1, redeemed_at=timezone.now(), lease=lease))
+    # Several codes point at one lease when they renewed it.
+    RedemptionCode.objects.create(code="A-3", term_months=1, redeemed_at=timezone.now(), lease=lease)
     _violates(lambda: RedemptionCode.objects.create(code="a-2", term_months=1))  # case-insensitive unique
     _violates(lambda: RedemptionCode.objects.create(code="A-4", term_months=3, total_months=2))

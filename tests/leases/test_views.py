@@ -22,6 +22,7 @@ from django.utils.html import escape
 from django.utils.translation import gettext as _
 
 from leases.models import LeaseAction, LeaseStatus, MemberLease
+from leases.views import CUSTOMER_STATUS
 
 pytestmark = pytest.mark.django_db
 
@@ -120,7 +121,7 @@ def test_redeem_invites_and_shows_the_status_page(
     assert page.status_code == 200
     assert "buyer@example.com" in body and "alpha" in body
     with translation.override("zh-hans"):
-        status_label = str(lease.get_status_display())
+        status_label = str(CUSTOMER_STATUS[lease.status])  # the customers' words, not the console's
         redeemed_label = str(LeaseAction.REDEEMED.label)
     assert f'<p class="status">{escape(status_label)}</p>' in body
     assert escape(redeemed_label) in body  # the history
@@ -172,19 +173,21 @@ def test_invalid_email_is_refused_and_the_code_stays_unused(client, address, pro
     assert provider.state.team("alpha").invite_posts == []
 
 
-def test_no_free_seat_is_refused_and_the_code_stays_unused(client, address, provider, make_team, make_lease, make_code):
+def test_no_free_seat_puts_the_customer_on_the_waiting_list(
+    client, address, provider, make_team, make_lease, make_code
+):
     full = make_team("tiny", capacity=1)
     make_lease(full, LeaseStatus.PENDING)
     code = make_code()
 
     response = redeem(client, address, code.code, "buyer@example.com")
 
-    assert response.status_code == 400
-    expected = zh("No seats are available right now. Your code was not used; try again later.")
-    assert escape(expected) in response.content.decode()
-    code.refresh_from_db()
-    assert code.redeemed_at is None and code.lease_id is None
-    assert MemberLease.objects.count() == 1
+    lease = MemberLease.objects.get(email="buyer@example.com")
+    assert response.status_code == 302
+    assert response["Location"] == reverse("leases:status", args=[lease.public_id])
+    assert lease.status == LeaseStatus.WAITING
+    page = client.get(response["Location"]).content.decode()
+    assert "排队" in page and "第 1 位" in page
     assert provider.state.team("tiny").invite_posts == []
 
 

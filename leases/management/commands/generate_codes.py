@@ -53,6 +53,13 @@ class Command(BaseCommand):
             metavar="LABEL",
             help=f"batch label, at most {BATCH_MAX_LENGTH} characters (default: a timestamp)",
         )
+        parser.add_argument(
+            "--pool",
+            type=text_at_most(50),
+            default="default",
+            metavar="POOL",
+            help="the pool whose teams the codes seat (default: default)",
+        )
         parser.add_argument("--csv", metavar="PATH", help="write the CSV to PATH instead of standard output")
 
     def handle(self, *args: object, **options: object) -> None:
@@ -62,6 +69,7 @@ class Command(BaseCommand):
                 term_months=options["term_months"],
                 total_months=options["total_months"],
                 batch=options["batch"],
+                pool=options["pool"],
             )
         except LeaseError as exc:
             raise CommandError(str(exc)) from None
