@@ -42,7 +42,7 @@ from leases.services.operator import (
     lease_reset,
     lease_retry,
 )
-from leases.services.redemption import MAX_CODES_PER_BATCH, codes_export_csv, codes_generate
+from leases.services.redemption import MAX_CODES_PER_BATCH, codes_export_csv, codes_generate, pool_normalize
 from leases.services.transitions import LeaseError
 
 
@@ -361,6 +361,7 @@ class MemberLeaseAdmin(admin.ModelAdmin):
     list_display = (
         "email",
         "team",
+        "pool",
         "status",
         "error_display",
         "term_months",
@@ -372,7 +373,7 @@ class MemberLeaseAdmin(admin.ModelAdmin):
         "attempts",
         "next_attempt_at",
     )
-    list_filter = ("status", OverdueFilter, "team")
+    list_filter = ("status", OverdueFilter, "pool", "team")
     list_select_related = ("team",)
     search_fields = ("email",)
     date_hierarchy = "created_at"
@@ -383,6 +384,7 @@ class MemberLeaseAdmin(admin.ModelAdmin):
         "public_id",
         "status",
         "team",
+        "pool",
         "transfer_team",
         "error_display",
         "created_at",
@@ -673,6 +675,18 @@ class GenerateCodesForm(forms.Form):
         help_text=_("Leave empty: the seat keeps moving to the next team until cancelled."),
     )
     batch = forms.CharField(label=_("batch label"), max_length=100, required=False)
+    pool = forms.CharField(
+        label=_("pool"),
+        max_length=50,
+        required=False,
+        help_text=_("The pool whose teams these codes seat. Empty: default."),
+    )
+
+    def clean_pool(self) -> str:
+        try:
+            return pool_normalize(self.cleaned_data.get("pool"))
+        except LeaseError as exc:
+            raise forms.ValidationError(str(exc)) from None
 
     def clean(self) -> dict:
         data = super().clean()
@@ -699,8 +713,8 @@ class RedeemedFilter(admin.SimpleListFilter):
 
 @admin.register(RedemptionCode)
 class RedemptionCodeAdmin(admin.ModelAdmin):
-    list_display = ("code", "batch", "term_months", "total_months", "created_at", "redeemed_at", "lease")
-    list_filter = (RedeemedFilter, "batch")
+    list_display = ("code", "batch", "pool", "term_months", "total_months", "created_at", "redeemed_at", "lease")
+    list_filter = (RedeemedFilter, "pool", "batch")
     list_select_related = ("lease",)
     search_fields = ("code", "batch", "lease__email")
     raw_id_fields = ("lease",)
@@ -761,6 +775,7 @@ class RedemptionCodeAdmin(admin.ModelAdmin):
                     term_months=form.cleaned_data["term_months"],
                     total_months=form.cleaned_data["total_months"],
                     batch=form.cleaned_data["batch"] or "",
+                    pool=form.cleaned_data["pool"],
                 )
             except LeaseError as exc:
                 form.add_error(None, str(exc))

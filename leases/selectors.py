@@ -80,7 +80,10 @@ def team_choices(
     the whole next term, then most free seats."""
     now = now or timezone.now()
     term_end = add_months(now, term_months)
-    busy_team_ids = MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).values("team_id")
+    # Not NULL: a waiting lease has no team, and "pk NOT IN (…, NULL)" would exclude every team.
+    busy_team_ids = MemberLease.objects.filter(
+        email__iexact=email, status__in=NON_FINAL_STATUSES, team__isnull=False
+    ).values("team_id")
     candidates = (
         teams_with_seat_usage(teams_open_for_new_members(pool=pool, now=now))
         .exclude(pk__in=exclude_team_ids)

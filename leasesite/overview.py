@@ -60,6 +60,17 @@ class Overview:
     orphans: str = ""
     orphans_url: str = ""
     charts: list[tuple[str, SafeString]] = field(default_factory=list)
+    pools: list[PoolLine] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PoolLine:
+    pool: str
+    capacity: int
+    used: int
+    free: int
+    waiting: int
+    url: str
 
 
 def _can(request: HttpRequest, perm: str) -> bool:
@@ -118,6 +129,7 @@ def _team_figures_and_chart(overview: Overview) -> None:
     url = reverse("admin:leases_team_changelist") + "?problem=yes"
     overview.figures.append(Figure(_("Teams unhealthy or failing to sync"), troubled, url, True))
     rows = [(team.name, team_seats_used(team), team.capacity) for team in teams[:CHART_TEAMS]]
+    _pools(overview, teams)
     overview.charts.append(
         (
             _("Seats used per team"),
@@ -126,6 +138,34 @@ def _team_figures_and_chart(overview: Overview) -> None:
             ),
         )
     )
+
+
+def _pools(overview: Overview, teams: list) -> None:
+    """Seats per pool: what redemptions and the waiting list of each pool can still use."""
+    from leases.models import LeaseStatus, MemberLease, TeamHealth
+    from leases.selectors import team_seats_used
+
+    waiting = dict(
+        MemberLease.objects.filter(status=LeaseStatus.WAITING)
+        .order_by()
+        .values_list("pool")
+        .annotate(n=Count("pk"))
+        .values_list("pool", "n")
+    )
+    totals: dict[str, list[int]] = {}
+    for team in teams:
+        capacity, used, free = totals.setdefault(team.pool, [0, 0, 0])
+        team_used = team_seats_used(team)
+        open_for_new = team.health != TeamHealth.DEAD and (team.expires_at is None or team.expires_at > timezone.now())
+        totals[team.pool] = [
+            capacity + team.capacity,
+            used + team_used,
+            free + (max(0, team.capacity - team_used) if open_for_new else 0),
+        ]
+    changelist = reverse("admin:leases_team_changelist")
+    for pool in sorted(set(totals) | set(waiting)):
+        capacity, used, free = totals.get(pool, [0, 0, 0])
+        overview.pools.append(PoolLine(pool, capacity, used, free, waiting.get(pool, 0), f"{changelist}?pool={pool}"))
 
 
 def _orphans(overview: Overview) -> None:

@@ -180,3 +180,16 @@ def test_team_names_in_the_chart_are_escaped(operator, make_team):
     html = operator.get("/admin/").content.decode()
     assert "<script>alert(1)</script>" not in html
     assert "&lt;script&gt;" in html
+
+
+def test_the_overview_shows_seats_per_pool_and_the_waiting_list(operator, make_team, make_lease):
+    make_team("vip-1", capacity=4, pool="vip")
+    full = make_team("std-1", capacity=1)
+    make_lease(full, LeaseStatus.ACTIVE)
+    make_lease(None, LeaseStatus.WAITING, email="queued@example.com")
+    html = operator.get("/admin/").content.decode()
+    shown = figures(html)
+    assert shown["排队中的租约"][0] == 1
+    table = html.split('id="pools"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td><a [^>]+>([^<]+)</a></td><td>(\d+)</td><td>(\d+) / (\d+)</td><td>(\d+)</td></tr>", table)
+    assert rows == [("default", "0", "1", "1", "1"), ("vip", "4", "0", "4", "0")]

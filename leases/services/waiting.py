@@ -95,7 +95,8 @@ def _seat_next(pool: str) -> Seated | None:
                 changes={"team": team, "missed_syncs": 0},
                 **events.seated(team=team, waited_since=lease.created_at),
             )
-        except (LeaseError, StaleLease):
+        except (LeaseError, StaleLease) as exc:
+            logger.warning("waiting lease %s not seated: %s", lease.pk, exc)
             return None
         lease_id = lease.pk
         transaction.on_commit(lambda: invite_lease.delay(lease_id=lease_id))
