@@ -191,5 +191,7 @@ def test_the_overview_shows_seats_per_pool_and_the_waiting_list(operator, make_t
     shown = figures(html)
     assert shown["排队中的租约"][0] == 1
     table = html.split('id="pools"')[1].split("</table>")[0]
-    rows = re.findall(r"<tr><td><a [^>]+>([^<]+)</a></td><td>(\d+)</td><td>(\d+) / (\d+)</td><td>(\d+)</td></tr>", table)
+    rows = re.findall(
+        r"<tr><td><a [^>]+>([^<]+)</a></td><td>(\d+)</td><td>(\d+) / (\d+)</td><td>(\d+)</td></tr>", table
+    )
     assert rows == [("default", "0", "1", "1", "1"), ("vip", "4", "0", "4", "0")]
