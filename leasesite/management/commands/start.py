@@ -101,6 +101,8 @@ class Command(BaseCommand):
             env["BAOMING_API_BASE"] = f"http://{FAKES_HOST}:{ports['--upstream-port']}"
             env["BAOMING_API_IS_FAKE"] = "true"  # the admin's scan page may "scan" the fake's QR codes
             env.setdefault("BAOMING_RATE_LIMIT", "5")
+            # One person tries many codes from one browser in the demo (production default: 10).
+            env.setdefault("LEASE_REDEEM_RATE_LIMIT", "100")
             env["DEMO_PROVIDER_PORT"] = str(ports["--provider-port"])  # settings.DEMO_PROVIDER_PORT: demo teams
             # Re-run the setup steps against the demo database in a child with that environment.
             status = subprocess.call(
