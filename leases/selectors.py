@@ -55,6 +55,26 @@ class TeamChoice:
     covers_term: bool
 
 
+def pool_teams_lock(pool: str) -> None:
+    """Lock the pool's active team rows, always in primary-key order (no deadlocks): whoever
+    counts the pool's seats to take one (a redemption, a transfer start, a waiting-list drain)
+    holds this until its transaction ends."""
+    list(Team.objects.filter(is_active=True, pool=pool).order_by("pk").select_for_update().values_list("pk", flat=True))
+
+
+def team_is_open_for_new_members(team: Team, now: datetime | None = None) -> bool:
+    """``teams_open_for_new_members`` for one team already loaded."""
+    now = now or timezone.now()
+    return team.is_active and team.health != TeamHealth.DEAD and (team.expires_at is None or team.expires_at > now)
+
+
+def team_free_seats(team: Team, now: datetime | None = None) -> int:
+    """Seats a redemption or the waiting list may still take (0 for a team closed to newcomers)."""
+    if not team_is_open_for_new_members(team, now):
+        return 0
+    return max(0, team.capacity - team_seats_used(team))
+
+
 def teams_open_for_new_members(*, pool: str | None = None, now: datetime | None = None) -> QuerySet[Team]:
     """Teams that may take a redemption or a transfer in: active, not ended, not dead (DESIGN §4),
     inside ``pool`` when one is given."""

@@ -142,8 +142,8 @@ def _team_figures_and_chart(overview: Overview) -> None:
 
 def _pools(overview: Overview, teams: list) -> None:
     """Seats per pool: what redemptions and the waiting list of each pool can still use."""
-    from leases.models import LeaseStatus, MemberLease, TeamHealth
-    from leases.selectors import team_seats_used
+    from leases.models import LeaseStatus, MemberLease
+    from leases.selectors import team_free_seats, team_seats_used
 
     waiting = dict(
         MemberLease.objects.filter(status=LeaseStatus.WAITING)
@@ -152,16 +152,11 @@ def _pools(overview: Overview, teams: list) -> None:
         .annotate(n=Count("pk"))
         .values_list("pool", "n")
     )
+    now = timezone.now()
     totals: dict[str, list[int]] = {}
     for team in teams:
         capacity, used, free = totals.setdefault(team.pool, [0, 0, 0])
-        team_used = team_seats_used(team)
-        open_for_new = team.health != TeamHealth.DEAD and (team.expires_at is None or team.expires_at > timezone.now())
-        totals[team.pool] = [
-            capacity + team.capacity,
-            used + team_used,
-            free + (max(0, team.capacity - team_used) if open_for_new else 0),
-        ]
+        totals[team.pool] = [capacity + team.capacity, used + team_seats_used(team), free + team_free_seats(team, now)]
     changelist = reverse("admin:leases_team_changelist")
     for pool in sorted(set(totals) | set(waiting)):
         capacity, used, free = totals.get(pool, [0, 0, 0])

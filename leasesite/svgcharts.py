@@ -41,6 +41,23 @@ def _legend(segments: Sequence[Segment], y: int) -> list[str]:
     return parts
 
 
+def _axis(*, left: int, top: int, bottom: int, width: int, peak: int) -> list[str]:
+    """The baseline and the two value marks (0 and the peak) of a vertical chart."""
+    return [
+        f'<line x1="{left}" y1="{bottom}" x2="{width}" y2="{bottom}" stroke="#999"/>',
+        f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{peak}</text>',
+        f'<text x="{left - 4}" y="{bottom}" text-anchor="end">0</text>',
+    ]
+
+
+def _ends(first: str, last: str | None, left: int, bottom: int, width: int) -> list[str]:
+    """The first and last column labels under the baseline."""
+    marks = [f'<text x="{left}" y="{bottom + 14}">{escape(first)}</text>']
+    if last is not None:
+        marks.append(f'<text x="{width}" y="{bottom + 14}" text-anchor="end">{escape(last)}</text>')
+    return marks
+
+
 def _empty(width: int, height: int, label: str, message: str) -> SafeString:
     return _svg(width, height, label, [f'<text x="4" y="{height // 2}" fill="#666">{escape(message)}</text>'])
 
@@ -62,11 +79,7 @@ def stacked_bars(
     peak = max(1, max(sum(values.get(s.key, 0) for s in segments) for _, values in columns))
     slot = (width - left) / len(columns)
     bar = max(2.0, slot * 0.7)
-    body = [
-        f'<line x1="{left}" y1="{plot_bottom}" x2="{width}" y2="{plot_bottom}" stroke="#999"/>',
-        f'<text x="{left - 4}" y="{plot_top + 10}" text-anchor="end">{peak}</text>',
-        f'<text x="{left - 4}" y="{plot_bottom}" text-anchor="end">0</text>',
-    ]
+    body = _axis(left=left, top=plot_top, bottom=plot_bottom, width=width, peak=peak)
     for index, (column, values) in enumerate(columns):
         x = left + index * slot + (slot - bar) / 2
         y = float(plot_bottom)
@@ -80,9 +93,7 @@ def stacked_bars(
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{escape(segment.color)}">'
                 f"<title>{escape(column)}: {escape(segment.label)} {value}</title></rect>"
             )
-    body.append(f'<text x="{left}" y="{plot_bottom + 14}">{escape(columns[0][0])}</text>')
-    if len(columns) > 1:
-        body.append(f'<text x="{width}" y="{plot_bottom + 14}" text-anchor="end">{escape(columns[-1][0])}</text>')
+    body.extend(_ends(columns[0][0], columns[-1][0] if len(columns) > 1 else None, left, plot_bottom, width))
     body.extend(_legend(segments, height - 14))
     return _svg(width, height, label, body)
 
@@ -109,11 +120,7 @@ def stacked_area(
     def point(i: int, value: float) -> str:
         return f"{left + i * step:.1f},{plot_bottom - plot_height * value / peak:.1f}"
 
-    body = [
-        f'<line x1="{left}" y1="{plot_bottom}" x2="{width}" y2="{plot_bottom}" stroke="#999"/>',
-        f'<text x="{left - 4}" y="{plot_top + 10}" text-anchor="end">{peak}</text>',
-        f'<text x="{left - 4}" y="{plot_bottom}" text-anchor="end">0</text>',
-    ]
+    body = _axis(left=left, top=plot_top, bottom=plot_bottom, width=width, peak=peak)
     base = [0] * len(days)
     for segment in segments:
         values = list(series.get(segment.key, [0] * len(days)))
@@ -127,8 +134,7 @@ def stacked_area(
             f"<title>{escape(segment.label)}: {latest} ({escape(days[-1])})</title></polygon>"
         )
         base = top
-    body.append(f'<text x="{left}" y="{plot_bottom + 14}">{escape(days[0])}</text>')
-    body.append(f'<text x="{width}" y="{plot_bottom + 14}" text-anchor="end">{escape(days[-1])}</text>')
+    body.extend(_ends(days[0], days[-1], left, plot_bottom, width))
     body.extend(_legend([s for s in segments if any(series.get(s.key, []))], height - 14))
     return _svg(width, height, label, body)
 

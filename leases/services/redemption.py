@@ -19,7 +19,7 @@ from django.utils.translation import gettext_lazy
 
 from leases import events
 from leases.models import NON_FINAL_STATUSES, LeaseEvent, LeaseStatus, MemberLease, RedemptionCode, Team
-from leases.selectors import team_choices
+from leases.selectors import pool_teams_lock, team_choices
 from leases.services.invites import lease_invite
 from leases.services.transitions import LeaseError, lease_step
 from leases.timeutils import add_months
@@ -186,10 +186,9 @@ def code_redeem(*, code: str, email: str, invite_later: bool = False) -> MemberL
         if MemberLease.objects.filter(email__iexact=email, status__in=NON_FINAL_STATUSES).exists():
             raise RedemptionError(str(ALREADY_SEATED)) from None
         raise
-    if outcome in ("waiting", "renewed"):
+    if outcome != "repeat":
         lowseats_check_later(pool=lease.pool)
-    elif outcome == "created":
-        lowseats_check_later(pool=lease.pool)
+    if outcome == "created":
         if invite_later:
             from leases.tasks import invite_lease
 
@@ -229,41 +228,16 @@ def _redeem_in_transaction(*, canonical: str, email: str) -> tuple[MemberLease, 
         # Lock the pool's active teams (in one order) while counting seats, so two redemptions
         # (or a redemption and a waiting-list drain) never take the same last seat.
         pool = redemption.pool
-        list(
-            Team.objects.filter(is_active=True, pool=pool)
-            .order_by("pk")
-            .select_for_update()
-            .values_list("pk", flat=True)
-        )
-        previous = _recently_expired(email=email, now=now)
+        pool_teams_lock(pool)
         choices = team_choices(term_months=redemption.term_months, email=email, pool=pool, now=now)
         if not choices:
-            return _queue(redemption, email=email, pool=pool, now=now), "waiting"
+            lease = _open_lease(redemption, email=email, pool=pool, team=None, now=now)
+            return lease, "waiting"
         team = choices[0].team
+        previous = _recently_expired(email=email, now=now)
         if previous is not None:  # within the grace period: back to its last team if it has room
             team = next((c.team for c in choices if c.team.pk == previous.team_id), team)
-        lease = MemberLease.objects.create(
-            email=email,
-            team=team,
-            pool=pool,
-            term_months=redemption.term_months,
-            total_months=redemption.total_months,
-            status=LeaseStatus.PENDING,
-            created_at=now,
-        )
-        _claim_code(redemption, lease, now)
-        # Creation is not a transition (there is no "from"): the redemption event opens the history.
-        LeaseEvent.objects.create(
-            lease=lease,
-            to_status=LeaseStatus.PENDING,
-            created_at=now,
-            **events.redeemed(
-                code=redemption.code,
-                team=team,
-                term_months=redemption.term_months,
-                reopens=previous.pk if previous is not None else None,
-            ),
-        )
+        lease = _open_lease(redemption, email=email, pool=pool, team=team, now=now, reopens=previous)
     return lease, "created"
 
 
@@ -275,24 +249,39 @@ def _claim_code(redemption: RedemptionCode, lease: MemberLease, now: datetime) -
         raise CodeAlreadyUsedError(_("This code has already been used."))
 
 
-def _queue(redemption: RedemptionCode, *, email: str, pool: str, now: datetime) -> MemberLease:
-    """Every team of the pool is full: a waiting lease (no team), seated when a seat frees."""
+def _open_lease(
+    redemption: RedemptionCode,
+    *,
+    email: str,
+    pool: str,
+    team: Team | None,
+    now: datetime,
+    reopens: MemberLease | None = None,
+) -> MemberLease:
+    """The new lease of a redemption: ``pending`` in ``team``, or — every team of the pool full,
+    ``team`` None — ``waiting``, seated when a seat frees. The code points at it, and its first
+    event opens the history (creation is not a transition: there is no "from")."""
+    status = LeaseStatus.PENDING if team is not None else LeaseStatus.WAITING
     lease = MemberLease.objects.create(
         email=email,
-        team=None,
+        team=team,
         pool=pool,
         term_months=redemption.term_months,
         total_months=redemption.total_months,
-        status=LeaseStatus.WAITING,
+        status=status,
         created_at=now,
     )
     _claim_code(redemption, lease, now)
-    LeaseEvent.objects.create(
-        lease=lease,
-        to_status=LeaseStatus.WAITING,
-        created_at=now,
-        **events.waiting(code=redemption.code, pool=pool, term_months=redemption.term_months),
-    )
+    if team is None:
+        event = events.waiting(code=redemption.code, pool=pool, term_months=redemption.term_months)
+    else:
+        event = events.redeemed(
+            code=redemption.code,
+            team=team,
+            term_months=redemption.term_months,
+            reopens=reopens.pk if reopens is not None else None,
+        )
+    LeaseEvent.objects.create(lease=lease, to_status=status, created_at=now, **event)
     return lease
 
 

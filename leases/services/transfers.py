@@ -49,7 +49,7 @@ from django.utils.translation import gettext_lazy
 from leases import events
 from leases.models import LeaseStatus, MemberLease, Team, TransferStep
 from leases.providers import ProviderError, TeamDeadError, provider_for
-from leases.selectors import leases_due_for_transfer, team_choices
+from leases.selectors import leases_due_for_transfer, pool_teams_lock, team_choices
 from leases.services.cancellation import lease_cancel_claimed
 from leases.services.health import team_record_provider_error
 from leases.services.invites import seat_free, seat_whereabouts
@@ -194,11 +194,6 @@ class ClaimKeeper:
 
 
 # -- choosing the next team ---------------------------------------------------------------------------
-def _lock_teams(pool: str) -> None:
-    """Lock the pool's active team rows, always in primary-key order (no deadlocks)."""
-    list(Team.objects.filter(is_active=True, pool=pool).order_by("pk").select_for_update().values_list("pk", flat=True))
-
-
 def _best_target(lease: MemberLease, now: datetime) -> Team | None:
     """The best other team of the lease's pool with a free seat, or None."""
     choices = team_choices(
@@ -269,7 +264,7 @@ def lease_transfer_start(
     with transaction.atomic():
         target = None
         if not ending:
-            _lock_teams(lease.team.pool)
+            pool_teams_lock(lease.team.pool)
             try:
                 target = _choose_target(lease, now)
             except NoTargetTeamError:
@@ -308,7 +303,7 @@ def _ensure_target(lease: MemberLease, now: datetime, owner: str) -> MemberLease
         # reached; the orphan check lists stray invites).
         _withdraw_invite(lease, target)
     with transaction.atomic():
-        _lock_teams(lease.team.pool)
+        pool_teams_lock(lease.team.pool)
         new_target = _choose_target(lease, now)
         lease_step(
             lease_id=lease.pk,

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from django.db import transaction
 from django.db.models import Q
+from django.utils import timezone
 
 from leases import events
-from leases.models import LeaseStatus, MemberLease, Team
-from leases.selectors import team_choices, teams_open_for_new_members
+from leases.models import LeaseStatus, MemberLease
+from leases.selectors import pool_teams_lock, team_choices, teams_open_for_new_members
 from leases.services.transitions import LeaseError, StaleLease, lease_transition
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,7 @@ def _seat_next(pool: str) -> Seated | None:
     from leases.tasks import invite_lease
 
     with transaction.atomic():
-        # The same lock as redemption and transfers: nobody else counts this pool's seats now.
-        list(
-            Team.objects.filter(is_active=True, pool=pool)
-            .order_by("pk")
-            .select_for_update()
-            .values_list("pk", flat=True)
-        )
+        pool_teams_lock(pool)  # the lock redemption and transfers take: nobody else counts these seats now
         lease = (
             MemberLease.objects.select_for_update()
             .filter(status=LeaseStatus.WAITING, pool=pool)
@@ -105,11 +100,12 @@ def _seat_next(pool: str) -> Seated | None:
 
 def pool_seats(pool: str) -> tuple[int, int]:
     """(free seats in the pool's open teams, leases waiting in the pool)."""
-    from leases.selectors import team_seats_used, teams_with_seat_usage
+    from leases.selectors import team_free_seats, teams_with_seat_usage
 
+    now = timezone.now()
     free = sum(
-        max(0, team.capacity - team_seats_used(team))
-        for team in teams_with_seat_usage(teams_open_for_new_members(pool=pool).defer("api_token"))
+        team_free_seats(team, now)
+        for team in teams_with_seat_usage(teams_open_for_new_members(pool=pool, now=now).defer("api_token"))
     )
     waiting = MemberLease.objects.filter(status=LeaseStatus.WAITING, pool=pool).count()
     return free, waiting
