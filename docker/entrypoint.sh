@@ -13,8 +13,10 @@ case "$1" in
       --workers "${WEB_CONCURRENCY:-3}" --access-logfile - --timeout 60
     ;;
   worker)
+    # CELERY_WORKER_QUEUES (comma-separated) makes a dedicated worker, e.g. one for
+    # CELERY_REFRESH_QUEUE; unset, the worker consumes every queue (docs/SCALING.md).
     exec celery -A leasesite worker --loglevel="${LOG_LEVEL:-INFO}" \
-      --concurrency "${CELERY_CONCURRENCY:-2}"
+      --concurrency "${CELERY_CONCURRENCY:-2}" ${CELERY_WORKER_QUEUES:+-Q "$CELERY_WORKER_QUEUES"}
     ;;
   beat)
     # Exactly one beat per deployment; schedules live in the database (django-celery-beat).

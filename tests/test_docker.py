@@ -106,3 +106,25 @@ def test_the_entrypoint_gives_each_container_its_own_metrics_directory(tmp_path)
     assert shown == f"{shared}/{hostname}"
     assert Path(shown).is_dir()
     assert (shared / "old-container" / "counter_7.db").exists()  # only migrate clears the volume
+
+
+def test_the_worker_command_consumes_the_queues_it_is_given(tmp_path):
+    """CELERY_WORKER_QUEUES makes a dedicated worker (docs/SCALING.md); unset, no -Q at all."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "celery"
+    fake.write_text('#!/bin/sh\nfor arg in "$@"; do printf "%s\\n" "$arg"; done\n')
+    fake.chmod(0o755)
+
+    def worker_args(**env: str) -> list[str]:
+        return subprocess.run(
+            ["sh", str(DOCKER / "entrypoint.sh"), "worker"],
+            env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")[:-1]
+
+    assert "-Q" not in worker_args()
+    dedicated = worker_args(CELERY_WORKER_QUEUES="leasesite-refresh")
+    assert dedicated[dedicated.index("-Q") + 1] == "leasesite-refresh"
