@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 from django.utils.translation import gettext_lazy as _
 
 from leasesite.env import (
@@ -194,6 +195,17 @@ else:
     # Longer than the longest task time limit, so Redis does not redeliver a running task.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 4 * 3600}
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "celery") or "celery"
+# The token refresh's long, rate-limited batches may go to a queue of their own, so that a
+# dedicated worker pool works them while the default queue's workers stay free for what a person
+# waits on (QR-login polls, invites after a redemption, seat frees) and for the lease engine.
+# By default everything shares the default queue (one worker pool consumes it all).
+CELERY_REFRESH_QUEUE = env_str("CELERY_REFRESH_QUEUE") or CELERY_TASK_DEFAULT_QUEUE
+REFRESH_TASKS = ("tokens.refresh_tokens", "tokens.refresh_batch", "tokens.cleanup_tokens")
+CELERY_TASK_ROUTES = {name: {"queue": CELERY_REFRESH_QUEUE} for name in REFRESH_TASKS}
+# A worker started without -Q consumes every queue above; `-Q NAME` makes a dedicated one.
+CELERY_TASK_QUEUES = [
+    Queue(name, routing_key=name) for name in dict.fromkeys([CELERY_TASK_DEFAULT_QUEUE, CELERY_REFRESH_QUEUE])
+]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_BACKEND = None
