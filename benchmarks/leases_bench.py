@@ -68,12 +68,23 @@ POLL_SECONDS = 0.1
 TEAM_TOKEN = "bench-team-token"  # the fake provider is started without a token check
 EMAIL_DOMAIN = "bench.example"
 
-DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/leasesite_bench"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/3"
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/4"
+# Its own services: the refresh benchmark uses leasesite_bench and Redis dbs 3/4.
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/leasesite_bench_leases"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/6"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/7"
 DEFAULT_QUEUE = "leasesite-leases-bench"
 RAISED = re.compile(r"Task leases\.run_transfers\[(?P<id>[^\]]+)\] raised")
 SUCCEEDED = re.compile(r"Task leases\.run_transfers\[(?P<id>[^\]]+)\] succeeded in (?P<secs>[\d.]+)s: (?P<out>\{.*\})")
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
 
 
 # --- arguments --------------------------------------------------------------------------------
@@ -94,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--capacity", type=positive_int, default=2000, help="seats per team (default: %(default)s)")
     add("--latency", type=non_negative_float, default=0.02, help="seconds per fake answer (default: %(default)s)")
     add("--workers", type=positive_int, default=2, help="celery worker processes for transfers (default: 2)")
+    add(
+        "--other-leases",
+        type=non_negative_int,
+        default=0,
+        help="extra lease rows (mixed statuses, none due) in the table during the transfers (default: 0)",
+    )
     add(
         "--concurrency",
         type=positive_int,
@@ -330,6 +347,39 @@ class SyncFigures:
         }
 
 
+@contextmanager
+def counting_queries() -> Iterator[list[str]]:
+    """Every SQL statement run while inside, on any thread's connection (the join sync runs teams
+    on pool threads, each with its own connection, which ``CaptureQueriesContext`` cannot see).
+    Connections already open are closed first, so every one is opened, and counted, inside."""
+    import threading
+
+    from django.db import connections
+    from django.db.backends.signals import connection_created
+
+    captured: list[str] = []
+    lock = threading.Lock()
+    active = True
+
+    def wrapper(execute: Any, sql: str, params: Any, many: bool, context: dict) -> Any:
+        if active:
+            with lock:
+                captured.append(sql)
+        return execute(sql, params, many, context)
+
+    def on_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+        connection.execute_wrappers.append(wrapper)
+
+    connections.close_all()
+    connection_created.connect(on_created, weak=False)
+    try:
+        yield captured
+    finally:
+        active = False
+        connection_created.disconnect(on_created)
+        connections.close_all()
+
+
 def seed_sync(server: FakeProviderServer, teams: list, leases_per_team: int) -> int:
     """Pending leases, all invited by us; every second one already joined at the provider, the
     others still invited there. Returns how many should be activated."""
@@ -360,13 +410,20 @@ def seed_sync(server: FakeProviderServer, teams: list, leases_per_team: int) -> 
             else:
                 fake.invite(email)
     MemberLease.objects.bulk_create(rows, batch_size=1000)
+    recount_seats()
     return expected
+
+
+def recount_seats() -> None:
+    """Bulk-created leases bypass the transition function: set the teams' seat counters."""
+    from leases.services.transitions import teams_seats_recount
+
+    teams_seats_recount()
 
 
 def run_sync(server: FakeProviderServer, teams_count: int, capacity: int, leases_per_team: int) -> SyncFigures:
     from django.conf import settings
     from django.db import connection
-    from django.test.utils import CaptureQueriesContext
 
     from leases.models import LeaseStatus, MemberLease
     from leases.services.sync import joins_sync
@@ -385,14 +442,14 @@ def run_sync(server: FakeProviderServer, teams_count: int, capacity: int, leases
     with server.state._lock:
         server.state.requests.clear()
 
-    with CaptureQueriesContext(connection) as captured:
+    with counting_queries() as captured:
         cpu_before = cpu_sample()
         started = time.perf_counter()
         results = joins_sync()
         seconds = time.perf_counter() - started
         cpu_busy = cpu_busy_percent(cpu_before, cpu_sample())
 
-    kinds = Counter(query["sql"].split(None, 1)[0].upper() for query in captured.captured_queries)
+    kinds = Counter(sql.split(None, 1)[0].upper() for sql in captured)
     calls = [server.state.calls(team=team.name) for team in teams]
     failures = [f"team {r.team}: {r.error or r.skipped}" for r in results if not r.ok]
     for result, count in zip(results, calls, strict=False):
@@ -422,7 +479,7 @@ def run_sync(server: FakeProviderServer, teams_count: int, capacity: int, leases
         calls_goal=goal,
         members_listed=sum(m for m, _ in listed.values()),
         invites_listed=sum(i for _, i in listed.values()),
-        queries=len(captured.captured_queries),
+        queries=len(captured),
         query_kinds=dict(kinds.most_common()),
         joined=sum(r.joined for r in results),
         expected_joined=expected,
@@ -539,12 +596,70 @@ def seed_transfers(server: FakeProviderServer, teams: list, count: int) -> dict[
                 provider_member_id=member_id,
             )
         )
-    MemberLease.objects.bulk_create(rows, batch_size=1000)
+    created = MemberLease.objects.bulk_create(rows, batch_size=1000)
+    recount_seats()
     teams_by_id = {team.pk: team.name for team in teams}
+    ids = [lease.pk for lease in created]
     return {
         pk: (email, teams_by_id[team_id])
-        for pk, email, team_id in MemberLease.objects.values_list("pk", "email", "team_id")
+        for pk, email, team_id in MemberLease.objects.filter(pk__in=ids).values_list("pk", "email", "team_id")
     }
+
+
+# Statuses of the "other" leases: none due for a transfer, none waiting (nothing for the run to do).
+OTHER_MIX = (("expired", 4), ("cancelled", 2), ("active", 3), ("pending", 1))
+
+
+def other_leases_per_team(count: int, teams: int) -> int:
+    """Seats the open ones among ``count`` other leases hold in each team (rounded up)."""
+    open_share = sum(n for status, n in OTHER_MIX if status in ("active", "pending")) / sum(n for _, n in OTHER_MIX)
+    return math.ceil(count * open_share / teams) + 1
+
+
+def seed_other_leases(teams: list, count: int) -> None:
+    """``count`` lease rows of mixed statuses spread over the teams, bulk-created: the table the
+    claim and seat queries run on is this big; none of them is due, so the run ignores them."""
+    from django.utils import timezone
+
+    from leases.models import MemberLease
+
+    if not count:
+        return
+    now = timezone.now()
+    cycle = [status for status, n in OTHER_MIX for _ in range(n)]
+    ends = now + timedelta(days=20)
+    rows = []
+    for index in range(count):
+        team = teams[index % len(teams)]
+        status = cycle[(index // len(teams)) % len(cycle)]  # every team gets the whole mix
+        joined = status != "pending"
+        rows.append(
+            MemberLease(
+                email=f"other-{index:06d}@{EMAIL_DOMAIN}",
+                team=team,
+                term_months=1,
+                status=status,
+                invited_at=now - timedelta(days=60),
+                joined_at=now - timedelta(days=50) if joined else None,
+                expires_at=ends if status == "active" else (now - timedelta(days=20) if joined else None),
+                created_at=now - timedelta(days=60, seconds=index),
+            )
+        )
+    MemberLease.objects.bulk_create(rows, batch_size=2000)
+
+
+def connection_vendor() -> str:
+    from django.db import connection
+
+    return connection.vendor
+
+
+def analyze_tables() -> None:
+    """Fresh planner statistics after a bulk seed (autovacuum would get there a little later)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE leases_memberlease, leases_team, leases_leaseevent")
 
 
 def start_workers(count: int, concurrency: int, args: argparse.Namespace, log_dir: Path, tag: str) -> list[Worker]:
@@ -636,7 +751,7 @@ def check_transfers(server: FakeProviderServer, seeded: dict[int, tuple[str, str
     from leases.models import LeaseAction, LeaseEvent, LeaseStatus, MemberLease
 
     failures: list[str] = []
-    statuses = Counter(MemberLease.objects.values_list("status", flat=True))
+    statuses = Counter(MemberLease.objects.filter(pk__in=list(seeded)).values_list("status", flat=True))
     if statuses != Counter({LeaseStatus.PENDING: len(seeded)}):
         failures.append(f"lease statuses after the run: {dict(statuses)} (expected all {len(seeded)} pending)")
     events = dict(
@@ -667,7 +782,7 @@ def check_transfers(server: FakeProviderServer, seeded: dict[int, tuple[str, str
     if not_once:
         sample = ", ".join(f"{email}: {n}" for email, n in list(not_once.items())[:5])
         failures.append(f"{len(not_once)} emails without exactly one invite POST ({sample})")
-    new_team = dict(MemberLease.objects.values_list("pk", "team__name"))
+    new_team = dict(MemberLease.objects.filter(pk__in=list(seeded)).values_list("pk", "team__name"))
     misplaced = still_seated = 0
     for pk, (email, old_team) in seeded.items():
         if new_team.get(pk) == old_team or posted_to.get(email, set()) != {new_team.get(pk)}:
@@ -678,11 +793,28 @@ def check_transfers(server: FakeProviderServer, seeded: dict[int, tuple[str, str
         failures.append(f"{misplaced} leases not invited to exactly their new team")
     if still_seated:
         failures.append(f"{still_seated} members still seated in their old team")
-    held = Counter(new_team.values())
-    over = {name: n for name, n in held.items() if n > capacity}
+    over = check_seats(capacity)
     if over:
-        failures.append(f"teams over capacity: {over}")
+        failures.append(over)
     return failures
+
+
+def check_seats(capacity: int) -> str:
+    """'' when no team holds more leases than its capacity and every seat counter equals a
+    recount of the leases; else what is wrong."""
+    from leases.models import Team
+    from leases.selectors import teams_seat_drift, teams_seat_recount
+
+    problems = []
+    recount = teams_seat_recount()
+    capacities = dict(Team.objects.values_list("pk", "capacity"))
+    over = {pk: n for pk, n in recount.items() if n > capacities.get(pk, capacity)}
+    if over:
+        problems.append(f"teams over capacity (team id: seats): {over}")
+    drift = teams_seat_drift()
+    if drift:
+        problems.append(f"seat counters differ from a recount (counter, recount): {drift}")
+    return "; ".join(problems)
 
 
 def run_transfers(
@@ -704,8 +836,13 @@ def run_transfers(
 
     reset_leases(server)
     reset_broker(args)
-    teams = create_teams(server, args.teams, args.capacity)
+    other = getattr(args, "other_leases", 0)
+    capacity = args.capacity + (other_leases_per_team(other, args.teams) if other else 0)
+    teams = create_teams(server, args.teams, capacity)
+    seed_other_leases(teams, other)
     seeded = seed_transfers(server, teams, args.transfers)
+    if other and connection_vendor() == "postgresql":
+        analyze_tables()
     with server.state._lock:
         server.state.requests.clear()
     close_old_connections()
@@ -728,7 +865,7 @@ def run_transfers(
         for task_id, info in done.items()
         if task_id in task_ids
     ]
-    failures = check_transfers(server, seeded, args.capacity)
+    failures = check_transfers(server, seeded, capacity)
     return TransferFigures(
         label=label,
         workers=workers_count,
@@ -790,6 +927,96 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
     sys.stdout.flush()
+
+
+@contextmanager
+def bench_session(argv: list[str]) -> Iterator[tuple[argparse.Namespace, FakeProviderServer, Path]]:
+    """Parsed arguments, a started fake provider and a set-up, migrated bench database, for the
+    ``measure_*`` functions (the lead's combined table calls them, one per child process)."""
+    args = parse_args(argv)
+    from leasesite.fakes.team_provider_server import FakeProviderServer
+
+    log_dir = Path(tempfile.mkdtemp(prefix="leasesite-leases-bench-"))
+    server = FakeProviderServer(latency=args.latency)
+    server.start()
+    try:
+        configure_environment(args, log_dir)
+        ensure_database(args)
+        setup_django(log_dir / "run.log")
+        migrate()
+        yield args, server, log_dir
+    finally:
+        server.stop()
+        for path in log_dir.iterdir():
+            path.unlink()
+        log_dir.rmdir()
+
+
+def measure_join_sync(teams: int = 10, leases: int = 1000, latency: float = 0.02, **options: Any) -> dict[str, Any]:
+    """One join sync of ``teams`` x ``leases`` pending leases (half of them joined at the provider):
+    provider calls, database queries (all threads), seconds, and whether its checks held."""
+    argv = ["--only", "sync", "--teams", str(teams), "--leases", str(leases), "--latency", str(latency)]
+    argv += ["--capacity", str(max(leases, 2000)), *_option_argv(options)]
+    with bench_session(argv) as (args, server, _log_dir):
+        from django.conf import settings
+
+        figures = run_sync(server, args.teams, args.capacity, args.leases)
+        return {
+            "teams": figures.teams,
+            "leases_per_team": figures.leases_per_team,
+            "calls": figures.calls_total,
+            "queries": figures.queries,
+            "seconds": round(figures.seconds, 3),
+            "concurrency": settings.LEASE_SYNC_CONCURRENCY,
+            "joined": figures.joined,
+            "ok": not figures.failures,
+            "checks": "; ".join(figures.failures) or "ok (every member activated with its id and joined_at, GETs only)",
+        }
+
+
+def measure_transfers(
+    workers: int,
+    threads: int = 4,
+    transfers: int = 1000,
+    other_leases: int = 0,
+    latency: float = 0.02,
+    **options: Any,
+) -> dict[str, Any]:
+    """``transfers`` due leases moved by ``workers`` celery worker processes x ``threads``, with
+    ``other_leases`` extra rows in the table: seconds, transfers per second and the checks (one
+    invite per email, one ``transferred`` event each, no team over capacity, counters = recount)."""
+    argv = ["--only", "transfers", "--workers", str(workers), "--concurrency", str(threads)]
+    argv += ["--transfers", str(transfers), "--other-leases", str(other_leases), "--latency", str(latency)]
+    argv += ["--no-compare", *_option_argv(options)]
+    with bench_session(argv) as (args, server, log_dir):
+        label = f"{workers} worker processes x {threads} threads, {other_leases} other leases"
+        figures = run_transfers(args, server, log_dir, workers_count=workers, concurrency=threads, label=label, tag="m")
+        return {
+            "workers": workers,
+            "threads": threads,
+            "other_leases": other_leases,
+            "transfers": figures.transfers,
+            "seconds": round(figures.seconds, 3),
+            "per_s": round(figures.per_second, 1),
+            "calls": figures.invite_posts + figures.deletes,
+            "one_invite_per_email": not any("invite POST" in f for f in figures.failures),
+            "one_transferred_event_each": not any("'transferred' event" in f for f in figures.failures),
+            "no_team_over_capacity": not any("over capacity" in f for f in figures.failures),
+            "ok": not figures.failures,
+            "checks": "; ".join(figures.failures) or "ok (one invite per email, one transferred each, seats ok)",
+        }
+
+
+def _option_argv(options: dict[str, Any]) -> list[str]:
+    """Extra CLI options as keyword arguments: ``database_url="..."`` -> ``--database-url ...``."""
+    argv: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, str(value)]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:

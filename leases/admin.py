@@ -561,7 +561,8 @@ class MemberLeaseAdmin(admin.ModelAdmin):
         new_status = LeaseStatus(operation.to_status).label
         changes, refused = [], []
         for lease in leases:
-            line = f"{lease.email} @ {lease.team.name}: {lease.get_status_display()} → {new_status}"
+            team = lease.team.name if lease.team is not None else "—"  # a waiting lease has no team yet
+            line = f"{lease.email} @ {team}: {lease.get_status_display()} → {new_status}"
             if operation_allowed(operation, lease.status):
                 changes.append(line)
             else:

@@ -7,6 +7,7 @@ goes through ``leases.services.transitions`` (the only writer of ``MemberLease.s
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -66,6 +67,8 @@ NON_FINAL_STATUSES = tuple(s for s in LeaseStatus if s not in FINAL_STATUSES)
 # failed lease may still be seated, so it keeps its seat until an operator decides). A waiting
 # lease has no team and holds nothing.
 SEAT_HOLDING_STATUSES = tuple(s for s in NON_FINAL_STATUSES if s != LeaseStatus.WAITING)
+# A transferring lease also holds (reserves) a seat in its ``transfer_team``. ``Team.seats_taken``
+# counts both; ``leases.selectors.seat_counts_of`` is that rule for one lease.
 
 # The state machine (DESIGN §5). Anything not listed is refused by the transition function.
 # pending -> transferring: a pending lease of a dead team is evacuated to a healthy team.
@@ -149,6 +152,11 @@ class Team(models.Model):
     members_seen = models.PositiveIntegerField(_("members at last sync"), null=True, blank=True)
     invites_seen = models.PositiveIntegerField(_("invites at last sync"), null=True, blank=True)
     last_sync_error = models.TextField(_("last sync error"), blank=True)
+    # Seats our leases hold here (``SEAT_HOLDING_STATUSES`` with this team, plus transfers on
+    # their way in: ``transferring`` with this ``transfer_team``). Kept by the lease transition
+    # function in the same transaction as the status/team change, and only there: every take is
+    # a conditional UPDATE that re-checks the room on the locked row (``leases.services.transitions``).
+    seats_taken = models.PositiveIntegerField(_("seats taken by our leases"), default=0, editable=False)
 
     class Meta:
         verbose_name = _("team")
@@ -161,10 +169,24 @@ class Team(models.Model):
                 condition=models.Q(health__in=[h.value for h in TeamHealth]), name="team_health_known"
             ),
             models.CheckConstraint(condition=~models.Q(pool=""), name="team_pool_set"),
+            # No upper bound in the database: a capacity lowered below the seats taken, or an
+            # import of members already seated, is a real state (the team takes nobody until it
+            # is back under its capacity). No new seat is ever taken over capacity: the take's
+            # UPDATE says ``seats_taken < capacity`` in its WHERE.
+            models.CheckConstraint(condition=models.Q(seats_taken__gte=0), name="team_seats_taken_not_negative"),
         ]
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Saving a loaded team (an operator's edit, a set-up) never writes ``seats_taken``: the
+        value in memory may be stale, and the counter has one writer (the transition function)."""
+        if not self._state.adding and kwargs.get("update_fields") is None:
+            kwargs["update_fields"] = [
+                f.name for f in self._meta.concrete_fields if not f.primary_key and f.name != "seats_taken"
+            ]
+        super().save(*args, **kwargs)
 
     @property
     def is_dead(self) -> bool:

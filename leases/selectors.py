@@ -2,16 +2,73 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.core.exceptions import ValidationError
 from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Lower
 from django.utils import timezone
 
-from leases.models import NON_FINAL_STATUSES, LeaseStatus, MemberLease, Team, TeamHealth
+from leases.models import (
+    NON_FINAL_STATUSES,
+    SEAT_HOLDING_STATUSES,
+    LeaseStatus,
+    MemberLease,
+    Team,
+    TeamHealth,
+)
 from leases.timeutils import add_months
+
+
+def seat_counts_of(status: str, team_id: int | None, transfer_team_id: int | None) -> Counter[int]:
+    """The seats one lease holds, team id -> 1: its team while pending, active, transferring or
+    failed (a pending invite is a used seat; a failed lease may still be seated), and, while
+    transferring, the seat reserved in the team it moves to. Waiting, cancelled and expired hold
+    nothing. ``Team.seats_taken`` is the sum of this over the team's leases."""
+    seats: Counter[int] = Counter()
+    if team_id is not None and status in SEAT_HOLDING_STATUSES:
+        seats[team_id] += 1
+    if transfer_team_id is not None and status == LeaseStatus.TRANSFERRING:
+        seats[transfer_team_id] += 1
+    return seats
+
+
+def teams_seat_recount(*, team_ids: Iterable[int] | None = None) -> dict[int, int]:
+    """What ``Team.seats_taken`` should be, recounted from the leases (two grouped queries):
+    team id -> seats (teams holding none are left out)."""
+    ids = None if team_ids is None else list(team_ids)
+    held = MemberLease.objects.filter(status__in=SEAT_HOLDING_STATUSES, team__isnull=False)
+    incoming = MemberLease.objects.filter(status=LeaseStatus.TRANSFERRING, transfer_team__isnull=False)
+    if ids is not None:
+        held, incoming = held.filter(team_id__in=ids), incoming.filter(transfer_team_id__in=ids)
+    counts: Counter[int] = Counter()
+    for team_id, n in held.order_by().values("team_id").annotate(n=Count("pk")).values_list("team_id", "n"):
+        counts[team_id] += n
+    for team_id, n in (
+        incoming.order_by().values("transfer_team_id").annotate(n=Count("pk")).values_list("transfer_team_id", "n")
+    ):
+        counts[team_id] += n
+    return dict(counts)
+
+
+def teams_seat_drift() -> dict[str, tuple[int, int]]:
+    """Teams whose counter differs from a recount: name -> (counter, recount). Read-only (a
+    transition committing between the two reads can show as a one-off difference; the orphan
+    check repairs under the team's lock with ``teams_seats_recount``)."""
+    counters = list(Team.objects.order_by("pk").values_list("pk", "name", "seats_taken"))
+    recount = teams_seat_recount()
+    return {name: (taken, recount.get(pk, 0)) for pk, name, taken in counters if recount.get(pk, 0) != taken}
+
+
+def email_open_leases(email: str) -> QuerySet[MemberLease]:
+    """The open leases of ``email`` (any case), through the ``lower(email)`` index: ``iexact``
+    compiles to ``UPPER(email) = UPPER(%s)`` on PostgreSQL, which no index serves."""
+    return MemberLease.objects.alias(email_lower=Lower("email")).filter(
+        email_lower=(email or "").strip().lower(), status__in=NON_FINAL_STATUSES
+    )
 
 
 def _count_subquery(**filters: object) -> Coalesce:
@@ -26,8 +83,9 @@ def _count_subquery(**filters: object) -> Coalesce:
 
 
 def teams_with_seat_usage(queryset: QuerySet[Team] | None = None) -> QuerySet[Team]:
-    """Teams annotated with ``seats_held`` (leases seated or invited there, incoming transfers
-    included) in one query."""
+    """Teams annotated with ``leases_held`` (open leases seated or invited there) and
+    ``leases_incoming`` (transfers on their way in), recounted in one query — for lists that show
+    the breakdown. Seat decisions read the counter (``team_seats_used``) instead."""
     queryset = Team.objects.all() if queryset is None else queryset
     return queryset.annotate(
         leases_held=_count_subquery(team=OuterRef("pk"), status__in=NON_FINAL_STATUSES),
@@ -36,16 +94,11 @@ def teams_with_seat_usage(queryset: QuerySet[Team] | None = None) -> QuerySet[Te
 
 
 def team_seats_used(team: Team) -> int:
-    """Seats in use: our leases (pending invites count) or, if larger, what the provider showed
-    at the last sync (members and invites we do not lease use seats too)."""
-    held = getattr(team, "leases_held", None)
-    incoming = getattr(team, "leases_incoming", None)
-    if held is None or incoming is None:
-        annotated = teams_with_seat_usage(Team.objects.filter(pk=team.pk)).get()
-        held, incoming = annotated.leases_held, annotated.leases_incoming
-    ours = held + incoming
+    """Seats in use, in constant time: our leases (``Team.seats_taken``: pending invites and
+    incoming transfers count) or, if larger, what the provider showed at the last sync (members
+    and invites we do not lease use seats too)."""
     seen = (team.members_seen or 0) + (team.invites_seen or 0)
-    return max(ours, seen)
+    return max(team.seats_taken, seen)
 
 
 @dataclass(frozen=True)
@@ -53,13 +106,6 @@ class TeamChoice:
     team: Team
     free: int
     covers_term: bool
-
-
-def pool_teams_lock(pool: str) -> None:
-    """Lock the pool's active team rows, always in primary-key order (no deadlocks): whoever
-    counts the pool's seats to take one (a redemption, a transfer start, a waiting-list drain)
-    holds this until its transaction ends."""
-    list(Team.objects.filter(is_active=True, pool=pool).order_by("pk").select_for_update().values_list("pk", flat=True))
 
 
 def team_is_open_for_new_members(team: Team, now: datetime | None = None) -> bool:
@@ -97,17 +143,18 @@ def team_choices(
 ) -> list[TeamChoice]:
     """Teams a lease may go to, best first: open for new members (in ``pool``), a free seat, the
     email not already there; healthy before degraded, then those whose own ``expires_at`` covers
-    the whole next term, then most free seats."""
+    the whole next term, then most free seats. One query, no lock, read from the counters: the
+    caller seats the lease with ``seat_take_first``, which re-checks the chosen team's counter
+    on its locked row."""
     now = now or timezone.now()
     term_end = add_months(now, term_months)
     # Not NULL: a waiting lease has no team, and "pk NOT IN (…, NULL)" would exclude every team.
-    busy_team_ids = MemberLease.objects.filter(
-        email__iexact=email, status__in=NON_FINAL_STATUSES, team__isnull=False
-    ).values("team_id")
+    busy_team_ids = email_open_leases(email).filter(team__isnull=False).values("team_id")
     candidates = (
-        teams_with_seat_usage(teams_open_for_new_members(pool=pool, now=now))
+        teams_open_for_new_members(pool=pool, now=now)
         .exclude(pk__in=exclude_team_ids)
         .exclude(pk__in=busy_team_ids)
+        .defer("api_token")
         .order_by("pk")
     )
     choices = []

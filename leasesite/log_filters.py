@@ -34,6 +34,19 @@ class SecretScrubFilter(logging.Filter):
         return True
 
 
+class ClientErrorOneLineFilter(logging.Filter):
+    """``django.security.*`` records (an oversized body, a bad Host header, a forged session ...)
+    are the client's doing and Django answers them with a 400: log them as one line, without the
+    traceback Django attaches, so nobody can fill the log with tracebacks by sending junk."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("django.security."):
+            record.exc_info = None
+            record.exc_text = None
+            record.stack_info = None
+        return True
+
+
 class StartupNoiseFilter(logging.Filter):
     """Drops start-up lines that tell a newcomer nothing, in processes that ``start`` supervises.
 

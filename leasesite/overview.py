@@ -122,9 +122,10 @@ def _lease_figures(overview: Overview, now: datetime) -> None:
 
 def _team_figures_and_chart(overview: Overview) -> None:
     from leases.models import Team, TeamHealth
-    from leases.selectors import team_seats_used, teams_with_seat_usage
+    from leases.selectors import team_seats_used
 
-    teams = list(teams_with_seat_usage(Team.objects.filter(is_active=True).defer("api_token")).order_by("pool", "name"))
+    # Seats used come from the teams' maintained counters: no count over the leases.
+    teams = list(Team.objects.filter(is_active=True).defer("api_token").order_by("pool", "name"))
     troubled = sum(1 for team in teams if team.health != TeamHealth.HEALTHY or team.last_sync_error)
     url = reverse("admin:leases_team_changelist") + "?problem=yes"
     overview.figures.append(Figure(_("Teams unhealthy or failing to sync"), troubled, url, True))

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from leases.models import LeaseAction, LeaseEvent, LeaseStatus, MemberLease, RedemptionCode, Team
 from leases.providers.memory import fake_teams_reset
+from leases.services.transitions import teams_seats_recount
 from leasesite.fakes.team_provider_server import FakeProviderServer
 
 TEAM_TOKEN = "team-api-token-0123456789abcdef"  # the fake provider's test credential
@@ -63,6 +64,8 @@ def make_lease() -> Callable[..., MemberLease]:
             kwargs.setdefault("expires_at", now + timedelta(days=10))
         lease = MemberLease.objects.create(team=team, status=status, **kwargs)
         LeaseEvent.objects.create(lease=lease, action=LeaseAction.NOTE, to_status=status, detail={"note": "fixture"})
+        # Written directly, bypassing the transition function: the seat counters are recounted.
+        teams_seats_recount(team_ids=[pk for pk in (lease.team_id, lease.transfer_team_id) if pk is not None])
         return lease
 
     return factory

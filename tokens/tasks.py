@@ -11,9 +11,14 @@ from django.utils.translation import gettext as _
 
 from leasesite.notify import alert_send
 from tokens.models import RunTrigger
-from tokens.services.cleanup import token_cleanup_run
+from tokens.services.cleanup import CleanupAlreadyRunning, token_cleanup_run
 from tokens.services.qrlogin import QR_POLL_INTERVAL_SECONDS, qr_login_tick
-from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_batch, token_refresh_start
+from tokens.services.refresh import (
+    BATCH_DRAIN_SECONDS,
+    RefreshAlreadyRunning,
+    token_refresh_batch,
+    token_refresh_start,
+)
 from tokens.services.runs import InvalidRunArguments
 from tokens.services.sweeper import refresh_runs_sweep
 
@@ -64,8 +69,9 @@ def refresh_tokens(
     max_retries=10,
 )
 def refresh_batch(batch_id: int) -> bool:
-    """Check one batch of a run; a done or claimed batch, or a closed run, is a no-op (safe to redeliver)."""
-    return token_refresh_batch(batch_id=batch_id)
+    """Check one batch of a run, then go on with its run's pending batches for a while (overlapped,
+    see ``token_refresh_batch``); a done or claimed batch, or a closed run, is a no-op (safe to redeliver)."""
+    return token_refresh_batch(batch_id=batch_id, drain_seconds=BATCH_DRAIN_SECONDS)
 
 
 @shared_task(name="tokens.cleanup_tokens", ignore_result=True)
@@ -73,6 +79,9 @@ def cleanup_tokens(days: int = 30, trigger: str = RunTrigger.BEAT) -> int | None
     """Delete tokens unused for ``days`` days (see ``tokens_stale``). Returns the run id."""
     try:
         return token_cleanup_run(days=days, trigger=trigger).pk
+    except CleanupAlreadyRunning as exc:
+        logger.warning("cleanup run skipped: %s", exc)
+        return None
     except InvalidRunArguments as exc:
         _refuse("tokens.cleanup_tokens", exc)
         return None

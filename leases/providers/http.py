@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -42,13 +43,21 @@ MAX_RETRY_AFTER_SECONDS = 30.0  # a longer Retry-After is honoured by the next r
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds (only the delta-seconds form is used by providers), or None."""
+    """``Retry-After`` in seconds — delta-seconds or an HTTP-date (RFC 9110) — or None."""
     if not value:
         return None
     try:
         seconds = float(value.strip())
     except ValueError:
-        return None
+        try:
+            when = parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = max(0.0, (when - datetime.now(UTC)).total_seconds())
     if seconds != seconds or seconds < 0:  # NaN or negative
         return None
     return min(seconds, 24 * 3600.0)
@@ -136,8 +145,10 @@ class HttpTeamProvider:
                 return response
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if retry_after is not None:
-                # The provider throttles this host as a whole: every worker waits.
-                self.limiter.pause(retry_after)
+                # The provider throttles this host as a whole: every worker waits — at most
+                # MAX_RETRY_AFTER_SECONDS, since every call to the host sleeps in the limiter
+                # meanwhile, inside a task (far from the broker's visibility timeout).
+                self.limiter.pause(min(retry_after, MAX_RETRY_AFTER_SECONDS))
             if retry_after is None or retry_after > MAX_RETRY_AFTER_SECONDS or attempt == RETRY_AFTER_ATTEMPTS:
                 raise TransientProviderError(f"{method} {path}: HTTP 429", status=429, retry_after=retry_after)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises

@@ -13,6 +13,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -23,6 +24,7 @@ from leases.providers import ProviderError
 from leases.services.health import team_record_provider_error
 from leases.services.invites import seat_free
 from leases.services.transitions import LeaseError, lease_claim, lease_step, lease_transition, leases_release
+from leasesite.locks import lock_acquire, lock_release
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,23 @@ def lease_cancel_claimed(
 
 def lease_seats_free(*, lease_id: int, seats: list[tuple[Team | int, str]], actor_id: int | None = None) -> list[str]:
     """Free a cancelled lease's seats at their providers, each recorded as an event; the names of
-    the teams where that failed (those show in the orphan check)."""
+    the teams where that failed (those show in the orphan check).
+
+    Safe to deliver twice, also at once: the freeing holds a lock per lease (a second copy finds
+    it taken and does nothing, saying so), and seats recorded as freed since the cancel are done.
+    """
+    owner = uuid.uuid4().hex
+    lock_name = f"leases:free_seats:{lease_id}"
+    if not lock_acquire(name=lock_name, owner=owner, ttl_seconds=settings.LEASE_CLAIM_TTL):
+        logger.info("seats of lease %s are being freed by another worker: nothing done", lease_id)
+        return []
+    try:
+        return _seats_free_locked(lease_id=lease_id, seats=seats, actor_id=actor_id)
+    finally:
+        lock_release(name=lock_name, owner=owner)
+
+
+def _seats_free_locked(*, lease_id: int, seats: list[tuple[Team | int, str]], actor_id: int | None) -> list[str]:
     lease = MemberLease.objects.get(pk=lease_id)
     team_ids = [team if isinstance(team, int) else team.pk for team, _member in seats]
     teams = Team.objects.in_bulk(team_ids)

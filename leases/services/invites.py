@@ -20,8 +20,13 @@ from leases.services.transitions import LeaseError, lease_claim, lease_step, lea
 logger = logging.getLogger(__name__)
 
 
-def lease_invite(*, lease_id: int, reinvite_after_missed: int = 0, reason: str = "") -> bool:
+def lease_invite(*, lease_id: int, reinvite_after_missed: int = 0, reason: str = "", first: bool = False) -> bool:
     """Invite a pending lease's email to its current team. True when the provider accepted it.
+
+    ``first``: only a lease never invited yet (``invited_at`` unset) — the first invite after a
+    redemption, or the join sync's retry of one that failed. A copy of that message delivered
+    again after the invite was recorded (a lost ack), or the sync and the task at once, then
+    finds the lease invited and leaves it alone, so the provider sees one invite.
 
     A failure is recorded as an ``invite_failed`` event and left for the join sync, which invites
     every pending lease that has no ``invited_at`` yet. A lease a worker holds, or that stopped
@@ -31,7 +36,7 @@ def lease_invite(*, lease_id: int, reinvite_after_missed: int = 0, reason: str =
     waits as a request and is honoured here once the invite is recorded: the seat it freed cannot
     be taken again by an invite still on its way.
     """
-    if not _invitable(MemberLease.objects.select_related("team").get(pk=lease_id)):
+    if not _invitable(MemberLease.objects.select_related("team").get(pk=lease_id), first=first):
         return False
     owner = f"invite-{uuid.uuid4().hex[:12]}"
     if not lease_claim(lease_id=lease_id, owner=owner):
@@ -39,7 +44,7 @@ def lease_invite(*, lease_id: int, reinvite_after_missed: int = 0, reason: str =
     try:
         lease = MemberLease.objects.select_related("team").get(pk=lease_id)
         team = lease.team
-        if not _invitable(lease):  # it moved on before the claim
+        if not _invitable(lease, first=first):  # it moved on (or was invited) before the claim
             return False
         try:
             provider_for(team).invite(lease.email)
@@ -68,7 +73,9 @@ def lease_invite(*, lease_id: int, reinvite_after_missed: int = 0, reason: str =
         leases_release(lease_ids=[lease_id], owner=owner)
 
 
-def _invitable(lease: MemberLease) -> bool:
+def _invitable(lease: MemberLease, *, first: bool = False) -> bool:
+    if first and lease.invited_at is not None:
+        return False
     return lease.status == LeaseStatus.PENDING and not lease.team.is_dead
 
 

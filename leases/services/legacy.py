@@ -440,6 +440,11 @@ def _write(candidates: list[_Candidate], *, now: datetime, source: str) -> None:
         ],
         batch_size=CHUNK_SIZE,
     )
+    # Imported leases are created in bulk, not through the transition function: their teams' seat
+    # counters are recounted (under the team rows' locks) in the same transaction.
+    from leases.services.transitions import teams_seats_recount
+
+    teams_seats_recount(team_ids={lease.team_id for lease in leases if lease.team_id is not None})
 
 
 def _capacity_warnings(planned_per_team: Counter[int], *, already_written: bool) -> list[str]:

@@ -17,6 +17,7 @@ from django.utils.translation import gettext as _
 
 from leases.models import LeaseStatus, MemberLease, Team, TeamHealth
 from leases.providers import ProviderError, provider_for
+from leases.services.transitions import teams_seats_recount
 from leasesite.notify import alert_problem, alert_resolved
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ class OrphanReport:
     without_lease: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
     invites_without_lease: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
     active_not_seated: dict[str, list[str]] = field(default_factory=dict)  # team -> emails
+    # Seat counters that differed from a recount of the leases (and were set to it): team ->
+    # (counter, recount). Only a write behind the transition function's back causes one.
+    seat_drift: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def problems(self) -> int:
@@ -41,6 +45,7 @@ class OrphanReport:
             + sum(map(len, self.without_lease.values()))
             + sum(map(len, self.invites_without_lease.values()))
             + sum(map(len, self.active_not_seated.values()))
+            + len(self.seat_drift)
         )
 
     def fingerprint(self) -> str:
@@ -50,6 +55,7 @@ class OrphanReport:
             sorted(self.invites_without_lease.items()),
             sorted(self.active_not_seated.items()),
             sorted(self.teams_failed),
+            sorted(self.seat_drift.items()),
         ]
         return hashlib.sha256(json.dumps(findings, sort_keys=True).encode()).hexdigest()
 
@@ -68,6 +74,8 @@ class OrphanReport:
         for team, emails in sorted(self.active_not_seated.items()):
             listed = ", ".join(sorted(emails)[:MAX_LISTED])
             lines.append(f"team {team}: {len(emails)} active lease(s) not among its members: {listed}")
+        for team, (counter, actual) in sorted(self.seat_drift.items()):
+            lines.append(f"team {team}: seat counter said {counter}, its leases hold {actual} (corrected)")
         for team, error in sorted(self.teams_failed.items()):
             lines.append(f"team {team}: could not be listed ({error})")
         return "\n".join(lines)
@@ -75,6 +83,8 @@ class OrphanReport:
 
 def orphans_check(*, alert: bool = True) -> OrphanReport:
     report = OrphanReport()
+    # The seat counters first: recounted under each team row's lock, corrected where they drifted.
+    report.seat_drift = teams_seats_recount()
     teams = list(Team.objects.filter(is_active=True).exclude(health=TeamHealth.DEAD).order_by("pk"))
     # Where each email may legitimately be seated: its open leases' teams (and transfer targets).
     allowed: dict[str, set[int]] = defaultdict(set)

@@ -13,15 +13,16 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
+from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from leases import events
-from leases.models import NON_FINAL_STATUSES, LeaseEvent, LeaseStatus, MemberLease, RedemptionCode, Team
-from leases.selectors import pool_teams_lock, team_choices
+from leases.models import NON_FINAL_STATUSES, LeaseStatus, MemberLease, RedemptionCode, Team
+from leases.selectors import email_open_leases, team_choices
 from leases.services.invites import lease_invite
-from leases.services.transitions import LeaseError, lease_step
+from leases.services.transitions import LeaseError, lease_open, lease_step, seat_take_first
 from leases.timeutils import add_months
 
 # No 0/O, 1/I/L: codes are read aloud and typed from screenshots.
@@ -220,24 +221,25 @@ def _redeem_in_transaction(*, canonical: str, email: str) -> tuple[MemberLease, 
             if lease is not None and lease.email == email:
                 return lease, "repeat"  # a double submit by the same customer
             raise CodeAlreadyUsedError(_("This code has already been used."))
-        open_lease = (
-            MemberLease.objects.select_for_update().filter(email__iexact=email, status__in=NON_FINAL_STATUSES).first()
-        )
+        open_lease = email_open_leases(email).select_for_update().first()
         if open_lease is not None:
             return _renew(open_lease, redemption, now), "renewed"
-        # Lock the pool's active teams (in one order) while counting seats, so two redemptions
-        # (or a redemption and a waiting-list drain) never take the same last seat.
+        # Teams are chosen by their seat counters without locks; the seat is taken by a
+        # conditional UPDATE of the one chosen team's row (the next team when it just filled),
+        # so two redemptions (or a redemption and a waiting-list drain) never take the same last
+        # seat, and redemptions into different teams never wait for each other.
         pool = redemption.pool
-        pool_teams_lock(pool)
-        choices = team_choices(term_months=redemption.term_months, email=email, pool=pool, now=now)
-        if not choices:
-            lease = _open_lease(redemption, email=email, pool=pool, team=None, now=now)
-            return lease, "waiting"
-        team = choices[0].team
-        previous = _recently_expired(email=email, now=now)
+        teams = [c.team for c in team_choices(term_months=redemption.term_months, email=email, pool=pool, now=now)]
+        previous = _recently_expired(email=email, now=now) if teams else None
         if previous is not None:  # within the grace period: back to its last team if it has room
-            team = next((c.team for c in choices if c.team.pk == previous.team_id), team)
-        lease = _open_lease(redemption, email=email, pool=pool, team=team, now=now, reopens=previous)
+            teams.sort(key=lambda team: team.pk != previous.team_id)  # stable: the rest keep their order
+        seated = seat_take_first(
+            teams=teams,
+            attempt=lambda team: _open_lease(redemption, email=email, pool=pool, team=team, now=now, reopens=previous),
+        )
+        if seated is None:
+            return _open_lease(redemption, email=email, pool=pool, team=None, now=now), "waiting"
+        lease = seated[1]
     return lease, "created"
 
 
@@ -261,17 +263,6 @@ def _open_lease(
     """The new lease of a redemption: ``pending`` in ``team``, or — every team of the pool full,
     ``team`` None — ``waiting``, seated when a seat frees. The code points at it, and its first
     event opens the history (creation is not a transition: there is no "from")."""
-    status = LeaseStatus.PENDING if team is not None else LeaseStatus.WAITING
-    lease = MemberLease.objects.create(
-        email=email,
-        team=team,
-        pool=pool,
-        term_months=redemption.term_months,
-        total_months=redemption.total_months,
-        status=status,
-        created_at=now,
-    )
-    _claim_code(redemption, lease, now)
     if team is None:
         event = events.waiting(code=redemption.code, pool=pool, term_months=redemption.term_months)
     else:
@@ -281,7 +272,17 @@ def _open_lease(
             term_months=redemption.term_months,
             reopens=reopens.pk if reopens is not None else None,
         )
-    LeaseEvent.objects.create(lease=lease, to_status=status, created_at=now, **event)
+    # The seat is taken (or TeamFullError raised, nothing written) by the transition module.
+    lease = lease_open(
+        team=team,
+        event=event,
+        now=now,
+        email=email,
+        pool=pool,
+        term_months=redemption.term_months,
+        total_months=redemption.total_months,
+    )
+    _claim_code(redemption, lease, now)
     return lease
 
 
@@ -290,9 +291,8 @@ def _recently_expired(*, email: str, now: datetime) -> MemberLease | None:
     if grace <= 0:
         return None
     return (
-        MemberLease.objects.filter(
-            email__iexact=email, status=LeaseStatus.EXPIRED, ends_at__gte=now - timedelta(days=grace)
-        )
+        MemberLease.objects.alias(email_lower=Lower("email"))
+        .filter(email_lower=email.lower(), status=LeaseStatus.EXPIRED, ends_at__gte=now - timedelta(days=grace))
         .order_by("-ends_at", "-pk")
         .first()
     )

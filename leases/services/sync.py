@@ -4,6 +4,12 @@ Per team: two paged listings (members, invites), one query for the team's open l
 batched writes: the joined leases go ``active`` in one ``leases_transition`` call, missed-sync
 counters move in one UPDATE each way. Only re-invites (rare) cost a provider call per lease.
 
+Teams are synced in parallel, ``LEASE_SYNC_CONCURRENCY`` at a time (threads, each with its own
+database connection; every request still takes a slot of its provider host's shared limit, so
+teams on one host never exceed ``LEASE_PROVIDER_RATE_LIMIT`` together). Each team keeps its own
+rules: its sync lock, its batched transitions. The waiting-list drain and the low-seat check run
+once, after every team is done.
+
 A listing that fails, or a members listing that comes back empty while our leases say people are
 seated there, changes nothing and raises an alert: a provider outage must never look like
 "everybody left".
@@ -13,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
+from django.db import close_old_connections, connection
 from django.db.models import F
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -187,7 +195,7 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
             result.reinvited += 1
     for lease_id in never_invited:
         # The invite at redemption (or transfer) failed: try again now.
-        if lease_invite(lease_id=lease_id, reason="not invited yet"):
+        if lease_invite(lease_id=lease_id, reason="not invited yet", first=True):
             result.invited += 1
 
     result.provider_calls = provider.calls
@@ -258,13 +266,9 @@ def joins_sync(
         teams = teams.filter(
             leases__email__iexact=email, leases__status__in=(LeaseStatus.PENDING, LeaseStatus.ACTIVE)
         ).distinct()
-    results = []
-    pools = set()
-    for team in teams:
-        result = team_sync_joins(team=team, email=email)
-        logger.info("join sync %s", result.as_dict())
-        results.append(result)
-        pools.add(team.pool)
+    teams = list(teams)
+    results = _sync_teams(teams, email)
+    pools = {team.pool for team in teams}
     # What the providers showed may have freed seats: the waiting list goes first.
     from leases.services.lowseats import lowseats_check
     from leases.services.waiting import waiting_drain
@@ -273,3 +277,29 @@ def joins_sync(
     for pool in sorted(pools):
         lowseats_check(pool=pool)
     return results
+
+
+def _sync_one(team: Team, email: str | None) -> TeamSyncResult:
+    result = team_sync_joins(team=team, email=email)
+    logger.info("join sync %s", result.as_dict())
+    return result
+
+
+def _sync_in_thread(team: Team, email: str | None) -> TeamSyncResult:
+    """One pool thread, one team, on the thread's own database connection (closed at the end)."""
+    try:
+        close_old_connections()
+        return _sync_one(team, email)
+    finally:
+        connection.close()
+
+
+def _sync_teams(teams: list[Team], email: str | None) -> list[TeamSyncResult]:
+    """Every team's sync, ``LEASE_SYNC_CONCURRENCY`` at a time; results in the teams' order.
+    Inside a caller's transaction (threads could not see its rows) or on SQLite (one writer at a
+    time: threads would only wait for each other's locks) they run one after another."""
+    threads = min(settings.LEASE_SYNC_CONCURRENCY, len(teams))
+    if threads <= 1 or connection.in_atomic_block or connection.vendor == "sqlite":
+        return [_sync_one(team, email) for team in teams]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="join-sync") as pool:
+        return list(pool.map(_sync_in_thread, teams, [email] * len(teams)))

@@ -7,7 +7,9 @@ Claim → call → record, never a row lock across an HTTP call, and one writer:
    renews the claims of the batch while it is worked on, and every write re-checks the claim
    (``claim=owner`` in the transition function): a lease whose claim lapsed (the process stalled
    longer than ``LEASE_CLAIM_TTL``) is ``StaleLease`` and left to whoever holds it now.
-2. **Start**: ``active → transferring`` with the target team chosen under the team locks (event
+2. **Start**: ``active → transferring`` with the target team chosen from the seat counters
+   without locks and its seat reserved by the transition function, which locks only that team's
+   row and re-checks its counter (the next candidate when the seat went meanwhile; event
    ``transfer_started``). If the entitlement is over (``ends_at`` passed) there is no target.
    Open leases of a **dead** team start the same way (``evacuation``), ``pending`` ones included.
 3. **Invite** into the target team, then record ``transfer_step = invited`` (event ``invited``).
@@ -49,7 +51,7 @@ from django.utils.translation import gettext_lazy
 from leases import events
 from leases.models import LeaseStatus, MemberLease, Team, TransferStep
 from leases.providers import ProviderError, TeamDeadError, provider_for
-from leases.selectors import leases_due_for_transfer, pool_teams_lock, team_choices
+from leases.selectors import leases_due_for_transfer, team_choices
 from leases.services.cancellation import lease_cancel_claimed
 from leases.services.health import team_record_provider_error
 from leases.services.invites import seat_free, seat_whereabouts
@@ -63,6 +65,7 @@ from leases.services.transitions import (
     lease_transition,
     leases_claim_renew,
     leases_release,
+    seat_take_first,
 )
 from leasesite.notify import alert_send
 
@@ -194,8 +197,8 @@ class ClaimKeeper:
 
 
 # -- choosing the next team ---------------------------------------------------------------------------
-def _best_target(lease: MemberLease, now: datetime) -> Team | None:
-    """The best other team of the lease's pool with a free seat, or None."""
+def _target_candidates(lease: MemberLease, now: datetime) -> list[Team]:
+    """The other teams of the lease's pool with a free seat, best first (read without locks)."""
     choices = team_choices(
         term_months=lease.term_months,
         email=lease.email,
@@ -203,14 +206,17 @@ def _best_target(lease: MemberLease, now: datetime) -> Team | None:
         pool=lease.team.pool,
         now=now,
     )
-    return choices[0].team if choices else None
+    return [choice.team for choice in choices]
 
 
-def _choose_target(lease: MemberLease, now: datetime) -> Team:
-    target = _best_target(lease, now)
-    if target is None:
-        raise NoTargetTeamError(_("no other team of pool %(pool)s has a free seat") % {"pool": lease.team.pool})
-    return target
+def _best_target(lease: MemberLease, now: datetime) -> Team | None:
+    """The best other team of the lease's pool with a free seat, or None (a preview: no seat taken)."""
+    candidates = _target_candidates(lease, now)
+    return candidates[0] if candidates else None
+
+
+def _no_target(lease: MemberLease) -> NoTargetTeamError:
+    return NoTargetTeamError(_("no other team of pool %(pool)s has a free seat") % {"pool": lease.team.pool})
 
 
 def _entitlement_over(lease: MemberLease, now: datetime) -> bool:
@@ -236,7 +242,7 @@ def lease_transfer(*, lease_id: int, owner: str, now: datetime | None = None) ->
     """Advance one lease claimed by ``owner`` as far as it goes; see the module docstring. Never
     raises for one lease's trouble: the outcome says what happened."""
     now = now or timezone.now()
-    lease = _load(lease_id)
+    lease: MemberLease | None = None
     try:
         lease = _checkpoint(lease_id, owner)
         if lease.status in (LeaseStatus.ACTIVE, LeaseStatus.PENDING):
@@ -247,11 +253,17 @@ def lease_transfer(*, lease_id: int, owner: str, now: datetime | None = None) ->
     except CancelRequested:
         return _honour_cancel(lease_id, owner)
     except StaleLease as exc:
-        return TransferOutcome(lease.pk, lease.email, "stale", exc.reason)
+        return TransferOutcome(lease_id, _email_of(lease, lease_id), "stale", exc.reason)
     except IllegalTransitionError as exc:
-        return TransferOutcome(lease.pk, lease.email, "skipped", str(exc))
+        return TransferOutcome(lease_id, _email_of(lease, lease_id), "skipped", str(exc))
     except (ProviderError, NoTargetTeamError) as exc:
         return _record_failure(lease_id, exc, now, owner)
+
+
+def _email_of(lease: MemberLease | None, lease_id: int) -> str:
+    if lease is not None:
+        return lease.email
+    return MemberLease.objects.filter(pk=lease_id).values_list("email", flat=True).first() or ""
 
 
 def lease_transfer_start(
@@ -261,15 +273,10 @@ def lease_transfer_start(
     under the pool's team locks."""
     ending = _entitlement_over(lease, now)
     evacuation = lease.team.is_dead
-    with transaction.atomic():
-        target = None
-        if not ending:
-            pool_teams_lock(lease.team.pool)
-            try:
-                target = _choose_target(lease, now)
-            except NoTargetTeamError:
-                target = None  # still start: the retry will look again
-        lease, _changed = lease_transition(
+    from_team, expires_at = lease.team, lease.expires_at
+
+    def start(target: Team | None) -> MemberLease:
+        started, _changed = lease_transition(
             lease_id=lease.pk,
             to_status=LeaseStatus.TRANSFERRING,
             actor_id=actor_id,
@@ -282,14 +289,22 @@ def lease_transfer_start(
                 "attempts": 0,
             },
             **events.transfer_started(
-                from_team=lease.team,
+                from_team=from_team,
                 to_team=target,
-                term_expired_at=lease.expires_at,
+                term_expired_at=expires_at,
                 entitlement_over=ending,
                 forced=forced,
                 evacuation=evacuation,
             ),
         )
+        return started
+
+    # The target's seat is reserved in the same transaction as the start (each attempt is one
+    # transition, one transaction: no outer transaction, so no savepoint round trips); without a
+    # free seat anywhere the lease still starts (the retry looks again).
+    seated = None if ending else seat_take_first(teams=_target_candidates(lease, now), attempt=start)
+    if seated is None:
+        start(None)
     return _load(lease.pk)
 
 
@@ -302,10 +317,10 @@ def _ensure_target(lease: MemberLease, now: datetime, owner: str) -> MemberLease
         # The invite sent to the old target is withdrawn where possible (a dead team cannot be
         # reached; the orphan check lists stray invites).
         _withdraw_invite(lease, target)
-    with transaction.atomic():
-        pool_teams_lock(lease.team.pool)
-        new_target = _choose_target(lease, now)
-        lease_step(
+
+    def choose(new_target: Team) -> MemberLease:
+        # The old target's reserved seat is released and the new one's taken in one transition.
+        return lease_step(
             lease_id=lease.pk,
             claim=owner,
             changes={"transfer_team": new_target, "transfer_step": TransferStep.NONE},
@@ -315,6 +330,9 @@ def _ensure_target(lease: MemberLease, now: datetime, owner: str) -> MemberLease
                 reason="" if target is None else "the previous target can no longer take members",
             ),
         )
+
+    if seat_take_first(teams=_target_candidates(lease, now), attempt=choose) is None:
+        raise _no_target(lease)
     return _load(lease.pk)
 
 
@@ -347,7 +365,7 @@ def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
                 changes={"transfer_step": TransferStep.INVITED},
                 **events.invited(team=target, transfer=True),
             )
-            lease = _load(lease.pk)
+            # (re-read by the checkpoint below, before the next provider call)
 
     lease = _checkpoint(lease.pk, owner)
     withdrawn_from = None

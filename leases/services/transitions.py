@@ -10,6 +10,16 @@ writes one ``LeaseEvent`` per lease, all in one transaction. A lease already in 
 is left alone (no-op, no event). A lease whose claim was lost is reported ``stale`` (the caller
 must stop working on it: someone else does); one the table refuses is ``refused``.
 
+It is also the only writer of ``Team.seats_taken`` (how many seats our leases hold in a team,
+DESIGN §5: pending, active, transferring and failed leases in their ``team``, and a transferring
+lease's reserved seat in its ``transfer_team``): per lease it compares the seats held before and
+after the change and moves the counters in the same transaction, team rows in primary-key order.
+A seat *taken* is a conditional UPDATE (``seats_taken < capacity``, the team open for newcomers,
+the provider's last listing not full) on that one row: the database re-checks the room on the
+locked row, so two transactions racing for the last seat cannot both win. The loser gets
+``TeamFullError`` (``result.full``) with nothing written, and ``seat_take_first`` moves on to
+the next candidate team. ``lease_open`` creates a new lease (a redemption) under the same rule.
+
 The batch form exists so a join sync of 1,000 leases costs a constant number of queries;
 ``lease_transition`` (status changes) and ``lease_step`` (steps) are the single-lease forms that
 raise. The event's ``action`` and ``detail`` come from ``leases.events`` (one helper per event).
@@ -21,15 +31,18 @@ Never call a provider while inside this function's transaction: claim → call �
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import Case, Q, Value, When
-from django.db.models.functions import Cast
+from django.db import connection, models, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Cast, Coalesce
+from django.db.models.lookups import LessThan
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -41,8 +54,13 @@ from leases.models import (
     LeaseEvent,
     LeaseStatus,
     MemberLease,
+    Team,
+    TeamHealth,
     TransferStep,
 )
+from leases.selectors import seat_counts_of, teams_seat_recount
+
+T = TypeVar("T")
 
 ChangesSpec = dict[str, Any] | Callable[[MemberLease], dict[str, Any]] | None
 DetailSpec = dict[str, Any] | Callable[[MemberLease], dict[str, Any]] | None
@@ -89,6 +107,16 @@ class StaleLease(LeaseError):  # noqa: N818 - reads as a state: "the lease went 
         )
 
 
+class TeamFullError(LeaseError):
+    """The team chosen for a lease has no free seat any more (another transaction took the last
+    one, it filled up at the provider, or it closed): nothing was written; try the next team."""
+
+    def __init__(self, lease_id: int | None, team_id: int) -> None:
+        self.lease_id = lease_id
+        self.team_id = team_id
+        super().__init__(_("Team %(team)s has no free seat left.") % {"team": team_id})
+
+
 @dataclass
 class TransitionResult:
     changed: list[MemberLease] = field(default_factory=list)
@@ -96,6 +124,7 @@ class TransitionResult:
     refused: list[IllegalTransitionError] = field(default_factory=list)
     stale: list[StaleLease] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
+    full: list[TeamFullError] = field(default_factory=list)  # a seat to take was gone: not changed
 
 
 def is_allowed(from_status: str, to_status: str) -> bool:
@@ -121,6 +150,11 @@ def _write_fields(leases: list[MemberLease], attnames: list[str]) -> None:
     is written as itself. ``bulk_update`` wraps each field in a CASE with a branch per lease: for a
     join sync's 500 activations (9 fields, 6 of them the same for all) that was half a second of
     query building per team and a CASE of 4,500 branches for PostgreSQL to evaluate row by row."""
+    if connection.vendor == "postgresql" and not any(
+        hasattr(getattr(lease, attname), "resolve_expression") for lease in leases for attname in attnames
+    ):
+        _write_fields_postgresql(leases, attnames)
+        return
     size = min(500, connection.ops.bulk_batch_size(["pk", "pk", *attnames], leases) or 500)
     for start in range(0, len(leases), size):
         batch = leases[start : start + size]
@@ -138,6 +172,170 @@ def _write_fields(leases: list[MemberLease], attnames: list[str]) -> None:
                     case = Cast(case, output_field=model_field)
                 values[attname] = case
         MemberLease.objects.filter(pk__in=[lease.pk for lease in batch]).update(**values)
+
+
+# Fields whose Python value is already what PostgreSQL stores (aware datetimes, ints, strings,
+# foreign-key ids): ``get_db_prep_save`` would return it unchanged, at a cost per value.
+_AS_IS_FIELDS = (
+    models.DateTimeField,
+    models.CharField,
+    models.TextField,
+    models.IntegerField,
+    models.BooleanField,
+    models.ForeignKey,
+)
+
+
+def _write_fields_postgresql(leases: list[MemberLease], attnames: list[str]) -> None:
+    """The same write as one ``UPDATE … FROM unnest(<one array per column>)``: a handful of
+    parameters whatever the batch size. The ORM's CASE with a ``When`` per lease and field cost
+    ~1 ms of CPU per lease to build (a join sync of 10 × 500 activations spent 6 of its 7 seconds
+    there, under the GIL, so syncing teams in parallel could not help). Values shared by every
+    lease are one parameter each."""
+    meta = MemberLease._meta
+    quote = connection.ops.quote_name
+    table, pk_column = quote(meta.db_table), quote(meta.pk.column)
+    shared_sql, shared_params, arrays_sql, array_params, names = [], [], [], [], []
+    for attname in attnames:
+        model_field = meta.get_field(attname)
+        # Django's own field classes only: a project field (an encrypted one) prepares its value.
+        if isinstance(model_field, _AS_IS_FIELDS) and type(model_field).__module__.startswith("django.db.models"):
+            column = [getattr(lease, attname) for lease in leases]
+        else:
+            column = [model_field.get_db_prep_save(getattr(lease, attname), connection) for lease in leases]
+        db_type = model_field.db_type(connection)
+        if all(value == column[0] for value in column[1:]):
+            shared_sql.append(f"{quote(model_field.column)} = %s::{db_type}")
+            shared_params.append(column[0])
+        else:
+            name = f"v{len(names)}"
+            names.append(name)
+            shared_sql.append(f"{quote(model_field.column)} = v.{name}")
+            arrays_sql.append(f"%s::{db_type}[]")
+            array_params.append(column)
+    pks = [lease.pk for lease in leases]
+    with connection.cursor() as cursor:
+        # Names come from the model's meta, values are parameters: nothing a caller typed is SQL.
+        if not names:
+            sql = f"UPDATE {table} SET {', '.join(shared_sql)} WHERE {pk_column} = ANY(%s)"  # noqa: S608
+            cursor.execute(sql, [*shared_params, pks])
+            return
+        source = f"unnest(%s::{meta.pk.db_type(connection)}[], {', '.join(arrays_sql)}) AS v(pk, {', '.join(names)})"
+        sql = f"UPDATE {table} SET {', '.join(shared_sql)} FROM {source} WHERE {table}.{pk_column} = v.pk"  # noqa: S608
+        cursor.execute(sql, [*shared_params, pks, *array_params])
+
+
+def _insert_events(events: list[LeaseEvent]) -> None:
+    """``bulk_create`` of the events; on PostgreSQL one ``INSERT … SELECT FROM unnest(...)`` with
+    one array per column (Django's bulk_create prepares every field of every row in Python)."""
+    if connection.vendor != "postgresql" or len(events) < 50:
+        LeaseEvent.objects.bulk_create(events, batch_size=500)
+        return
+    meta = LeaseEvent._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    quote = connection.ops.quote_name
+    columns: list[str] = []
+    sources: list[str] = []
+    selected: list[str] = []
+    params: list[list[Any]] = []
+    for model_field in fields:
+        db_type = model_field.db_type(connection)
+        columns.append(quote(model_field.column))
+        if db_type == "jsonb":  # as text, cast in SQL (psycopg would adapt each value on its own)
+            raw = [getattr(event, model_field.attname) for event in events]
+            params.append([None if v is None else json.dumps(v, cls=model_field.encoder) for v in raw])
+            sources.append("%s::text[]")
+            selected.append(f"c{len(selected)}::jsonb")
+        else:
+            params.append(
+                [model_field.get_db_prep_save(getattr(event, model_field.attname), connection) for event in events]
+            )
+            sources.append(f"%s::{db_type}[]")
+            selected.append(f"c{len(selected)}")
+    names = ", ".join(f"c{n}" for n in range(len(fields)))
+    # Names come from the model's meta, values are parameters: nothing a caller typed is SQL.
+    sql = f"INSERT INTO {quote(meta.db_table)} ({', '.join(columns)}) SELECT {', '.join(selected)} "
+    sql += f"FROM unnest({', '.join(sources)}) AS v({names})"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+# -- seats ---------------------------------------------------------------------------------------------
+def _room_q(now: datetime) -> Q:
+    """A team that may take one more of our leases: open for newcomers (DESIGN §4) and free by
+    ``capacity - max(seats_taken, members and invites the provider showed)`` (the selectors'
+    ``team_free_seats`` in SQL)."""
+    return (
+        Q(is_active=True, seats_taken__lt=F("capacity"))
+        & ~Q(health=TeamHealth.DEAD)
+        & (Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        & Q(LessThan(Coalesce("members_seen", 0) + Coalesce("invites_seen", 0), F("capacity")))
+    )
+
+
+def _seat_take(team_id: int, now: datetime) -> bool:
+    """One seat more in ``team_id`` if it has room, re-checked by the database on the row it locks
+    (a concurrent taker waits for our commit, then sees the new count)."""
+    return Team.objects.filter(_room_q(now), pk=team_id).update(seats_taken=F("seats_taken") + 1) == 1
+
+
+def _seat_move(team_id: int, delta: int) -> None:
+    Team.objects.filter(pk=team_id).update(seats_taken=F("seats_taken") + delta)
+
+
+def _seats_apply(before: Counter[int], after: Counter[int], now: datetime) -> int | None:
+    """Move the counters from ``before`` to ``after`` (team id -> seats one lease holds), team rows
+    in primary-key order (no deadlock between two transitions). Returns the team id whose seat
+    could not be taken (everything this call did undone), or None."""
+    applied: list[tuple[int, int]] = []
+    for team_id in sorted(set(before) | set(after)):
+        delta = after[team_id] - before[team_id]
+        if delta == 0:
+            continue
+        if delta > 0:
+            if delta != 1 or not _seat_take(team_id, now):
+                for done_id, done_delta in reversed(applied):
+                    _seat_move(done_id, -done_delta)
+                return team_id
+        else:
+            _seat_move(team_id, delta)
+        applied.append((team_id, delta))
+    return None
+
+
+def seat_take_first(*, teams: Iterable[Team], attempt: Callable[[Team], T]) -> tuple[Team, T] | None:
+    """The one rule every path that seats a lease follows (redemption, waiting list, transfer
+    start, a new target): candidates were chosen by their counters without locks, best first;
+    ``attempt(team)`` seats the lease there through the transition function, which re-checks the
+    counter on the locked team row and raises ``TeamFullError`` (having written nothing) when the
+    seat went meanwhile — then the next candidate is tried. None when none had room."""
+    for team in teams:
+        try:
+            return team, attempt(team)
+        except TeamFullError:
+            continue
+    return None
+
+
+def teams_seats_recount(*, team_ids: Iterable[int] | None = None) -> dict[str, tuple[int, int]]:
+    """Set each team's ``seats_taken`` to a recount of its leases, under the team row's lock (a
+    transition that moved the counter holds that lock until it commits, so the recount is exact).
+    Returns the teams that had drifted: name -> (counter, recount). For bulk writers that bypass
+    the transition function (the legacy import, test set-ups, benchmarks' seeding) and the
+    consistency check."""
+    drift: dict[str, tuple[int, int]] = {}
+    with transaction.atomic(savepoint=False):  # inside a caller's transaction: part of it
+        teams = Team.objects.order_by("pk").select_for_update()
+        if team_ids is not None:
+            teams = teams.filter(pk__in=list(team_ids))
+        locked = list(teams.values_list("pk", "name", "seats_taken"))
+        recount = teams_seat_recount(team_ids=[pk for pk, _name, _taken in locked])
+        for pk, name, taken in locked:
+            actual = recount.get(pk, 0)
+            if actual != taken:
+                drift[name] = (taken, actual)
+                Team.objects.filter(pk=pk).update(seats_taken=actual)
+    return drift
 
 
 def _check_claim(lease: MemberLease, *, claim: str | None, unclaimed: bool, now: datetime) -> str:
@@ -206,6 +404,7 @@ def leases_transition(
             values = _resolve(changes, lease)
             if "status" in values:
                 raise ValueError("the status is the transition's to_status, not a change")
+            seats_before = seat_counts_of(lease.status, lease.team_id, lease.transfer_team_id)
             if new_status != LeaseStatus.TRANSFERRING:
                 # Transfer bookkeeping only exists while transferring (a DB constraint says so).
                 values.setdefault("transfer_team", None)
@@ -216,8 +415,18 @@ def leases_transition(
                 values.setdefault("claimed_by", "")
                 values.setdefault("cancel_requested_at", None)
                 values.setdefault("next_attempt_at", None)
+            snapshot = {name: getattr(lease, name) for name in values}
             for name, value in values.items():
                 setattr(lease, name, value)
+            seats_after = seat_counts_of(new_status, lease.team_id, lease.transfer_team_id)
+            if seats_after != seats_before:
+                full_team = _seats_apply(seats_before, seats_after, now)
+                if full_team is not None:
+                    for name, value in snapshot.items():
+                        setattr(lease, name, value)
+                    result.full.append(TeamFullError(lease.pk, full_team))
+                    continue
+            for name in values:
                 fields_written.add(MemberLease._meta.get_field(name).attname)
             lease.status = new_status
             to_save.append(lease)
@@ -235,7 +444,7 @@ def leases_transition(
             result.changed.append(lease)
         if to_save:
             _write_fields(to_save, sorted(fields_written))
-            LeaseEvent.objects.bulk_create(events, batch_size=500)
+            _insert_events(events)
     return result
 
 
@@ -246,6 +455,8 @@ def _single(result: TransitionResult, lease_id: int) -> MemberLease | None:
         raise result.stale[0]
     if result.refused:
         raise result.refused[0]
+    if result.full:
+        raise result.full[0]
     return result.changed[0] if result.changed else None
 
 
@@ -306,6 +517,24 @@ def lease_step(
     )
     lease = _single(result, lease_id)
     assert lease is not None  # a step either changes the lease or raises
+    return lease
+
+
+def lease_open(*, team: Team | None, event: dict[str, Any], now: datetime, **fields: Any) -> MemberLease:
+    """Create a new lease (a redemption): ``pending`` in ``team``, taking its seat under the same
+    rule as a transition (``TeamFullError`` before anything is written when the seat went), or —
+    ``team`` None — ``waiting``. Its first event opens the history (there is no "from"). Call it
+    inside the caller's transaction."""
+    status = LeaseStatus.PENDING if team is not None else LeaseStatus.WAITING
+    # No savepoint inside the caller's transaction; a refused take raises only after the block,
+    # so the caller's transaction stays usable for the next candidate.
+    with transaction.atomic(savepoint=False):
+        taken = team is None or _seat_take(team.pk, now)
+        if taken:
+            lease = MemberLease.objects.create(team=team, status=status, created_at=now, **fields)
+            LeaseEvent.objects.create(lease=lease, to_status=status, created_at=now, **event)
+    if not taken:
+        raise TeamFullError(None, team.pk)
     return lease
 
 

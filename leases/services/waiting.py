@@ -3,9 +3,11 @@ served as seats free up (DESIGN §5).
 
 ``waiting_drain`` is called wherever a seat may have freed — after a join sync, after a transfer
 run (expiries), after a cancelled lease's seats are freed — and is safe to run twice at once: each
-pool's drain holds the pool's team rows locked (the lock redemption and transfers take to count
-seats), takes the oldest waiting lease under a row lock, and seats it through the transition
-function (``waiting → pending``, which refuses a lease already seated). The invite goes out as the
+step takes the pool's oldest waiting lease under a row lock (a second drain waits for it, then
+sees it seated) and seats it through the transition function (``waiting → pending``, which
+refuses a lease already seated) in the best team by the seat counters — the counter re-checked
+on that team's locked row, the next team when the seat went meanwhile (``seat_take_first``,
+the rule redemptions and transfers follow). The invite goes out as the
 ``leases.invite_lease`` task after the commit, so a drain never calls a provider itself.
 """
 
@@ -19,9 +21,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from leases import events
-from leases.models import LeaseStatus, MemberLease
-from leases.selectors import pool_teams_lock, team_choices, teams_open_for_new_members
-from leases.services.transitions import LeaseError, StaleLease, lease_transition
+from leases.models import LeaseStatus, MemberLease, Team
+from leases.selectors import team_choices, teams_open_for_new_members
+from leases.services.transitions import LeaseError, StaleLease, lease_transition, seat_take_first
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,6 @@ def _seat_next(pool: str) -> Seated | None:
     from leases.tasks import invite_lease
 
     with transaction.atomic():
-        pool_teams_lock(pool)  # the lock redemption and transfers take: nobody else counts these seats now
         lease = (
             MemberLease.objects.select_for_update()
             .filter(status=LeaseStatus.WAITING, pool=pool)
@@ -78,21 +79,27 @@ def _seat_next(pool: str) -> Seated | None:
         if lease is None:
             return None
         choices = team_choices(term_months=lease.term_months, email=lease.email, pool=pool)
-        if not choices:
-            return None
-        team = choices[0].team
-        try:
-            lease_transition(
+        waited_since = lease.created_at
+
+        def seat(team: Team) -> MemberLease:
+            seated, _changed = lease_transition(
                 lease_id=lease.pk,
                 to_status=LeaseStatus.PENDING,
                 expect_from=[LeaseStatus.WAITING],
                 unclaimed=True,
                 changes={"team": team, "missed_syncs": 0},
-                **events.seated(team=team, waited_since=lease.created_at),
+                **events.seated(team=team, waited_since=waited_since),
             )
+            return seated
+
+        try:
+            done = seat_take_first(teams=[c.team for c in choices], attempt=seat)
         except (LeaseError, StaleLease) as exc:
             logger.warning("waiting lease %s not seated: %s", lease.pk, exc)
             return None
+        if done is None:
+            return None
+        team = done[0]
         lease_id = lease.pk
         transaction.on_commit(lambda: invite_lease.delay(lease_id=lease_id))
     return Seated(lease_id, team.name)
@@ -100,12 +107,9 @@ def _seat_next(pool: str) -> Seated | None:
 
 def pool_seats(pool: str) -> tuple[int, int]:
     """(free seats in the pool's open teams, leases waiting in the pool)."""
-    from leases.selectors import team_free_seats, teams_with_seat_usage
+    from leases.selectors import team_free_seats
 
     now = timezone.now()
-    free = sum(
-        team_free_seats(team, now)
-        for team in teams_with_seat_usage(teams_open_for_new_members(pool=pool, now=now).defer("api_token"))
-    )
+    free = sum(team_free_seats(team, now) for team in teams_open_for_new_members(pool=pool, now=now).defer("api_token"))
     waiting = MemberLease.objects.filter(status=LeaseStatus.WAITING, pool=pool).count()
     return free, waiting

@@ -5,7 +5,7 @@ the fake team ``alpha``. The answers follow the contract: paged ``members`` and 
 ``POST invites`` (201, or 409 when already invited or a member), ``DELETE members/{id}`` and
 ``DELETE invites/{email}`` (204, or 404). Latency can be added to every answer. A team can be
 made to fail its next calls with any status (``fail_next``; a 429 carries ``Retry-After`` when
-the error has ``retry_after``).
+the error has ``retry_after``, or verbatim its ``retry_after_header``, e.g. an HTTP-date).
 
 Control endpoints for people and scripts (not part of the contract):
 ``POST /_control/teams/{name}/accept`` with ``{"email": ...}`` accepts an invite (the member
@@ -123,7 +123,11 @@ def make_handler(state: FakeProviderState) -> type[BaseHTTPRequestHandler]:
             try:
                 team.count(f"{method} {rest[0]}")
             except ProviderError as exc:
-                headers = {"Retry-After": f"{exc.retry_after:g}"} if exc.retry_after is not None else None
+                # ``retry_after_header`` on the error, when set, is sent verbatim (an HTTP-date, say).
+                header = getattr(exc, "retry_after_header", None)
+                if header is None and exc.retry_after is not None:
+                    header = f"{exc.retry_after:g}"
+                headers = {"Retry-After": header} if header is not None else None
                 self._send(exc.status or 500, {"error": str(exc)}, headers)
                 return
             query = parse_qs(url.query)

@@ -45,5 +45,6 @@ def test_refresh_work_goes_to_its_own_queue_and_only_its_workers_take_it(
     refresh_log = (tmp_path / "refresh-worker.log").read_text()
     default_log = (tmp_path / "worker0.log").read_text()
     assert "Traceback" not in refresh_log
-    assert refresh_log.count("Task tokens.refresh_batch[") >= 3 and "Task tokens.refresh_tokens[" in refresh_log
+    # A batch task goes on with the run's next pending batches, so there may be fewer tasks than batches.
+    assert "Task tokens.refresh_batch[" in refresh_log and "Task tokens.refresh_tokens[" in refresh_log
     assert "tokens.refresh" not in default_log.split("[tasks]")[-1].split("ready.")[-1]

@@ -5,7 +5,7 @@ import logging
 import pytest
 from django.utils.translation import gettext as _
 
-from leases.models import LeaseStatus, MemberLease
+from leases.models import LeaseStatus
 from leases.providers import TransientProviderError
 from leases.services.orphans import orphans_check
 
@@ -37,8 +37,7 @@ def test_reports_double_seats_members_without_lease_and_unseated_leases(provider
 
 def test_mid_transfer_double_seat_is_expected(provider, make_team, make_lease):
     a, b = make_team("a"), make_team("b")
-    lease = make_lease(a, LeaseStatus.TRANSFERRING)
-    MemberLease.objects.filter(pk=lease.pk).update(transfer_team=b)
+    lease = make_lease(a, LeaseStatus.TRANSFERRING, transfer_team=b)
     provider.state.team("a").add_member(lease.email)
     provider.state.team("b").add_member(lease.email)
     report = orphans_check()

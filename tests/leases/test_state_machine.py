@@ -6,7 +6,8 @@ operators cancelling, resetting, retrying and forcing transfers, a worker dying 
 lease — against ``memory`` teams, and after every step checks what must always hold: every event
 follows the transition and step tables, one open lease per email, no team over capacity, nobody
 seated at the provider where no lease (or a recorded failure to free a seat) says, no claim left
-behind. Each example runs in a savepoint rolled back at its end: lease events are append-only
+behind, and every team's maintained seat counter (``Team.seats_taken``) equal to a recount.
+Each example runs in a savepoint rolled back at its end: lease events are append-only
 (never deleted), so rolling back is how an example starts from clean rows.
 """
 
@@ -258,8 +259,13 @@ class LeaseWorld(RuleBasedStateMachine):
             seats_held[lease.team_id] += 1
             if lease.status == LeaseStatus.TRANSFERRING and lease.transfer_team_id:
                 seats_held[lease.transfer_team_id] += 1
+        counters = dict(Team.objects.values_list("pk", "seats_taken"))
         for team in self.teams.values():
             assert seats_held[team.pk] <= team.capacity, f"team {team.name} over capacity"
+            # The maintained counter equals this recount after every step, whatever the step.
+            assert counters[team.pk] == seats_held[team.pk], (
+                f"team {team.name}: seats_taken {counters[team.pk]}, leases hold {seats_held[team.pk]}"
+            )
         self._check_provider_seats(open_by_email, history)
 
     @staticmethod

@@ -80,9 +80,8 @@ def test_the_table_is_the_design():
 
 @pytest.mark.parametrize(("from_status", "to_status"), [p for p in product(ALL, ALL) if p[0] != p[1]])
 def test_every_pair(make_lease, team, other_team, from_status, to_status):
-    lease = make_lease(team, from_status)
-    if from_status == LeaseStatus.TRANSFERRING:
-        MemberLease.objects.filter(pk=lease.pk).update(transfer_team=other_team)
+    moving = {"transfer_team": other_team} if from_status == LeaseStatus.TRANSFERRING else {}
+    lease = make_lease(team, from_status, **moving)
     events_before = LeaseEvent.objects.filter(lease=lease).count()
     before = MemberLease.objects.values().get(pk=lease.pk)
     if (from_status, to_status) in EXPECTED_ALLOWED:
@@ -110,9 +109,8 @@ def test_every_pair(make_lease, team, other_team, from_status, to_status):
 
 @pytest.mark.parametrize("status", ALL)
 def test_already_there_is_a_quiet_no_op(make_lease, team, other_team, status):
-    lease = make_lease(team, status)
-    if status == LeaseStatus.TRANSFERRING:
-        MemberLease.objects.filter(pk=lease.pk).update(transfer_team=other_team)
+    moving = {"transfer_team": other_team} if status == LeaseStatus.TRANSFERRING else {}
+    lease = make_lease(team, status, **moving)
     events = LeaseEvent.objects.filter(lease=lease).count()
     _, changed = lease_transition(lease_id=lease.pk, to_status=status, action=LeaseAction.NOTE)
     assert changed is False

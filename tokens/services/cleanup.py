@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 
+from django.conf import settings
 from django.db import DatabaseError
 
+from leasesite.locks import lock_acquire, lock_holder, lock_release, lock_renew
 from tokens import reporting
 from tokens.models import DeletionReason, RefreshRun, RunKind, RunStatus
 from tokens.selectors import refresh_run_latest_evidence, tokens_stale
@@ -16,6 +20,11 @@ logger = logging.getLogger(__name__)
 
 # The latest refresh ended like this: the upstream could not vouch for the tokens.
 UNREACHED_STATUSES = (RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.ABANDONED)
+CLEANUP_LOCK_NAME = "tokens.cleanup"
+
+
+class CleanupAlreadyRunning(Exception):  # noqa: N818 - reads as a state, not an error
+    """Another cleanup run holds the lock (a second beat, a redelivered message, the command)."""
 
 
 def cleanup_blocked_reason() -> str:
@@ -43,10 +52,28 @@ def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> Refr
     """Delete (in batches, with audit records) the tokens ``tokens_stale(days)`` selects — or
     nothing, as a ``skipped`` run, while ``cleanup_blocked_reason()`` says so.
 
-    Raises ``InvalidRunArguments`` (a ValueError) for a ``days`` it cannot work with. Safe to
-    run twice at once: deleters claim rows with SKIP LOCKED, so each token is audited once.
+    Raises ``InvalidRunArguments`` (a ValueError) for a ``days`` it cannot work with, and
+    ``CleanupAlreadyRunning`` while another cleanup run holds the lock: two runs at once (the
+    same task delivered twice, two beats) record one run, not two that share the deletions. A
+    dry run takes no lock (it deletes nothing). Deleters also claim rows with SKIP LOCKED, so
+    each token is audited once even if a stalled run's lock was taken over.
     """
     days = run_days_validate(days, name="days")
+    if dry_run:
+        return _cleanup_run(days=days, trigger=trigger, dry_run=True, owner="")
+    owner = uuid.uuid4().hex
+    ttl = settings.BAOMING_RUN_LOCK_TTL
+    if not lock_acquire(name=CLEANUP_LOCK_NAME, owner=owner, ttl_seconds=ttl):
+        holder = lock_holder(name=CLEANUP_LOCK_NAME)
+        until = reporting.format_time(holder.expires_at) if holder else "?"
+        raise CleanupAlreadyRunning(f"another cleanup run is in progress (lock held until {until} unless renewed)")
+    try:
+        return _cleanup_run(days=days, trigger=trigger, dry_run=False, owner=owner)
+    finally:
+        lock_release(name=CLEANUP_LOCK_NAME, owner=owner)
+
+
+def _cleanup_run(*, days: int, trigger: str, dry_run: bool, owner: str) -> RefreshRun:
     blocked = cleanup_blocked_reason()
     stale = tokens_stale(days=days)
     planned = 0 if blocked else stale.count()
@@ -79,11 +106,19 @@ def token_cleanup_run(*, days: int, trigger: str, dry_run: bool = False) -> Refr
                     reason=f"[dry-run] {reason}",
                 )
         else:
+            ttl = settings.BAOMING_RUN_LOCK_TTL
+            renew_every = min(30.0, ttl / 3)
+            renewed_at = time.monotonic()
 
             def log_deleted(record) -> None:
+                nonlocal renewed_at
                 reporting.log_deleted_line(
                     card_name=record.card_name, user_name=record.user_name, masked=record.token_masked, reason=reason
                 )
+                if time.monotonic() - renewed_at >= renew_every:  # a long run keeps its lock
+                    renewed_at = time.monotonic()
+                    if not lock_renew(name=CLEANUP_LOCK_NAME, owner=owner, ttl_seconds=ttl):
+                        logger.warning("cleanup run #%s lost its lock; deleting on (SKIP LOCKED audits once)", run.pk)
 
             deleted = tokens_delete(
                 queryset=tokens_stale(days=days),

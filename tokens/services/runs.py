@@ -12,14 +12,15 @@ from django.utils.translation import gettext as _
 
 from leasesite.cli import MAX_DAYS
 from leasesite.locks import lock_release
-from leasesite.notify import alert_send
+from leasesite.notify import alert_is_active, alert_problem, alert_resolved, alert_send
 from tokens import reporting
 from tokens.models import LIVE_RUN_STATUSES, BaomingToken, RefreshRun, RunStatus, TokenDeletion
 
 logger = logging.getLogger(__name__)
 
 REFRESH_LOCK_NAME = "tokens.refresh"
-# Statuses that tell people something went wrong (dry runs never alert: they only report).
+# Statuses that tell people something went wrong (dry runs never alert: they only report). A
+# failed run alerts once while runs keep failing (``run_failing_alert_key``); the others each time.
 ALERTING_STATUSES = (RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.ABANDONED)
 
 
@@ -71,18 +72,40 @@ def run_close(run: RefreshRun, *, status: str, deleted: int | None = None, error
         dry_run=run.dry_run,
         error=run.error if status != RunStatus.SUCCEEDED else "",
     )
-    if status in ALERTING_STATUSES and not run.dry_run:
+    if run.dry_run:
+        return run
+    names = {"kind": run.get_kind_display(), "run": run.pk}
+    if status == RunStatus.FAILED:
+        # A state that lasts (the upstream is down: every run fails until it is back): alert when
+        # it starts, not once per run, and say "resolved" at the next run that succeeds.
+        alert_problem(
+            key=run_failing_alert_key(run.kind),
+            title=_("报名工具 token %(kind)s run #%(run)s failed") % names,
+            body=_("Run #%(run)s: %(error)s") % {"run": run.pk, "error": run.error},
+            level="error",
+        )
+    elif status in ALERTING_STATUSES:
         titles = {
-            RunStatus.FAILED: _("报名工具 token %(kind)s run #%(run)s failed"),
             RunStatus.INTERRUPTED: _("报名工具 token %(kind)s run #%(run)s interrupted"),
             RunStatus.ABANDONED: _("报名工具 token %(kind)s run #%(run)s abandoned"),
         }
         alert_send(
-            title=titles[status] % {"kind": run.get_kind_display(), "run": run.pk},
+            title=titles[status] % names,
             body=_("Run #%(run)s: %(error)s") % {"run": run.pk, "error": run.error},
             level="error",
         )
+    elif status == RunStatus.SUCCEEDED and alert_is_active(run_failing_alert_key(run.kind)):  # one cheap query
+        alert_resolved(
+            key=run_failing_alert_key(run.kind),
+            title=_("报名工具 token %(kind)s runs failing") % names,
+            body=_("Run #%(run)s succeeded.") % names,
+        )
     return run
+
+
+def run_failing_alert_key(kind: str) -> str:
+    """The alert of runs of ``kind`` that keep failing (one problem however many runs it lasts)."""
+    return f"tokens:{kind}:failing"
 
 
 def run_end_unfinished(*, run_id: int, status: str, error: str) -> RefreshRun | None:

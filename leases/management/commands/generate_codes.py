@@ -5,6 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
 
 from leases.models import RedemptionCode
 from leases.services.redemption import MAX_CODES_PER_BATCH, codes_export_csv, codes_generate
@@ -63,22 +64,26 @@ class Command(BaseCommand):
         parser.add_argument("--csv", metavar="PATH", help="write the CSV to PATH instead of standard output")
 
     def handle(self, *args: object, **options: object) -> None:
-        try:
-            codes = codes_generate(
-                count=options["count"],
-                term_months=options["term_months"],
-                total_months=options["total_months"],
-                batch=options["batch"],
-                pool=options["pool"],
-            )
-        except LeaseError as exc:
-            raise CommandError(str(exc)) from None
-        text = codes_export_csv(RedemptionCode.objects.filter(code__in=codes).order_by("code"))
-        if options["csv"]:
+        # One transaction: codes that cannot be handed out (the --csv file cannot be written) are
+        # not kept either.
+        with transaction.atomic():
             try:
-                Path(options["csv"]).write_text(text, encoding="utf-8")
-            except OSError as exc:
-                raise CommandError(f"cannot write --csv: {exc.strerror}") from None
+                codes = codes_generate(
+                    count=options["count"],
+                    term_months=options["term_months"],
+                    total_months=options["total_months"],
+                    batch=options["batch"],
+                    pool=options["pool"],
+                )
+            except LeaseError as exc:
+                raise CommandError(str(exc)) from None
+            text = codes_export_csv(RedemptionCode.objects.filter(code__in=codes).order_by("code"))
+            if options["csv"]:
+                try:
+                    Path(options["csv"]).write_text(text, encoding="utf-8")
+                except OSError as exc:
+                    raise CommandError(f"cannot write --csv: {exc.strerror}; no codes were generated") from None
+        if options["csv"]:
             self.stderr.write(f"{len(codes)} code(s) written to {options['csv']}")
         else:
             self.stdout.write(text, ending="")

@@ -124,7 +124,12 @@ class Command(BaseCommand):
         if options["scan"]:
             self._scan(card_name)
             return
-        token = getpass.getpass("Token (hidden): ") if interactive else sys.stdin.readline()
+        try:
+            token = getpass.getpass("Token (hidden): ") if interactive else sys.stdin.readline()
+        except UnicodeDecodeError:
+            raise CommandError(
+                "the token on standard input is not UTF-8 text (a token is 32 hexadecimal characters)"
+            ) from None
         try:
             stored = token_add(card_name=card_name, user_name=options["user_name"], token=token)
         except TokenValidationError as exc:

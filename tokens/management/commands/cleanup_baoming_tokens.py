@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from leasesite.cli import days_arg
 from tokens.management.commands._logging import configure_command_logging
 from tokens.models import RunStatus, RunTrigger
-from tokens.services.cleanup import token_cleanup_run
+from tokens.services.cleanup import CleanupAlreadyRunning, token_cleanup_run
 
 EXIT_SKIPPED = 75  # EX_TEMPFAIL: try again once a refresh run has reached the upstream
 
@@ -30,7 +30,10 @@ class Command(BaseCommand):
             )
         except OSError as exc:
             raise CommandError(f"cannot open --log-file: {exc.strerror}") from None
-        run = token_cleanup_run(days=options["days"], trigger=RunTrigger.COMMAND, dry_run=options["dry_run"])
+        try:
+            run = token_cleanup_run(days=options["days"], trigger=RunTrigger.COMMAND, dry_run=options["dry_run"])
+        except CleanupAlreadyRunning as exc:
+            raise CommandError(f"not started: {exc}", returncode=EXIT_SKIPPED) from None
         if run.status == RunStatus.SKIPPED:
             self.stdout.write(f"cleanup run #{run.pk} skipped, nothing deleted: {run.error}")
             raise CommandError("cleanup skipped (see above); run it again after a refresh run", returncode=EXIT_SKIPPED)

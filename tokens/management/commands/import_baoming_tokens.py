@@ -92,6 +92,10 @@ class Command(BaseCommand):
     def handle(self, *args: object, **options: object) -> None:
         path = Path(options["file"])
         text = read_text(path, label="")
+        if not text.strip():
+            # A 0-byte file is a failed copy or download, not an export: even an empty store or
+            # collection is "{}" or "[]" (those import nothing and succeed).
+            raise CommandError(f"{path}: the file is empty (nothing to import)")
         cards_path = Path(options["cards"]) if options["cards"] else None
         cards_text = read_text(cards_path, label="--cards ") if cards_path else None
         try:

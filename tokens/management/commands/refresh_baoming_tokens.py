@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from leasesite.cli import days_arg, hours_arg, minutes_arg
 from tokens.management.commands._logging import configure_command_logging
 from tokens.models import RefreshRun, RunStatus, RunTrigger
-from tokens.services.cleanup import token_cleanup_run
+from tokens.services.cleanup import CleanupAlreadyRunning, token_cleanup_run
 from tokens.services.refresh import RefreshAlreadyRunning, token_refresh_run
 
 EXIT_FAILED = 1  # the run failed, tripped the breaker or was abandoned
@@ -170,9 +170,13 @@ class Command(BaseCommand):
             return stop.exit_code
         code = 0 if run.status == RunStatus.SUCCEEDED else EXIT_FAILED
         if options["cleanup_days"] and not stop.event.is_set():
-            cleanup = token_cleanup_run(
-                days=options["cleanup_days"], trigger=RunTrigger.COMMAND, dry_run=options["dry_run"]
-            )
+            try:
+                cleanup = token_cleanup_run(
+                    days=options["cleanup_days"], trigger=RunTrigger.COMMAND, dry_run=options["dry_run"]
+                )
+            except CleanupAlreadyRunning as exc:
+                self.stderr.write(f"cleanup not started: {exc}")
+                return code or EXIT_TRY_LATER
             if cleanup.status == RunStatus.SKIPPED:
                 self.stdout.write(f"cleanup run #{cleanup.pk} skipped, nothing deleted: {cleanup.error}")
                 code = code or EXIT_TRY_LATER
