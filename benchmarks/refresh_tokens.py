@@ -5,8 +5,12 @@ Starts ``FakeBaomingServer`` in this process, seeds ``--tokens`` tokens into the
 (deleting every token and run there first), then refreshes them all:
 
 * ``--workers 1``: ``token_refresh_run`` in this process, like ``manage.py refresh_tokens``;
-* ``--workers K`` (K >= 2): K real ``celery worker --pool=solo`` processes share the run through
-  ``tokens.refresh_tokens`` -> ``tokens.refresh_batch``, the Redis broker and the Redis limiter.
+* ``--workers K`` (K >= 2): ``measure_refresh``: K real ``celery worker --pool=solo`` processes share
+  the run through ``tokens.refresh_tokens`` -> ``tokens.refresh_batch``, the Redis broker and the
+  Redis limiter.
+
+``measure_refresh(...)`` and ``measure_old_tool(...)`` return figures as dicts for the combined
+benchmark (benchmarks/table.py); see benchmarks/README.md.
 
 It prints figures and asserts nothing about time. Exit status: 0 done, 1 the fake upstream saw
 more than ``--rate`` requests within some 1-second window (a correctness failure), 2 bad
@@ -102,15 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--concurrency",
         type=positive_int,
-        default=8,
-        help="BAOMING_CONCURRENCY, checking threads per process (default: %(default)s)",
+        default=None,
+        help="BAOMING_CONCURRENCY, the upper bound of checks in flight per process (default: the project's)",
     )
-    add("--batch-size", type=positive_int, default=200, help="BAOMING_BATCH_SIZE (default: %(default)s)")
+    add("--batch-size", type=positive_int, default=None, help="BAOMING_BATCH_SIZE (default: the project's)")
     add(
         "--timeout",
         type=positive_float,
         default=None,
-        help="give up when the run has not ended after this many seconds (default: 5 x ideal + 60)",
+        help="give up when the run has not ended after this many seconds (default: 5 x tokens / min(rate, 200) + 60)",
     )
     add(
         "--database-url",
@@ -140,8 +144,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.limiter_rate is None:
         args.limiter_rate = args.rate
     if args.timeout is None:
-        args.timeout = 5 * args.tokens / args.rate + 60
+        args.timeout = default_timeout(args.tokens, args.rate)
     return args
+
+
+def default_timeout(tokens: int, rate: float) -> float:
+    """Five times the ideal time, the ideal taken at no more than 200 checks/s (a limit far above
+    what the host can do — the CPU-ceiling rows — must not make the timeout tiny), plus a minute."""
+    return 5 * tokens / min(rate, 200.0) + 60
 
 
 # --- environment and database -----------------------------------------------------------------
@@ -167,11 +177,15 @@ def configure_environment(args: argparse.Namespace, *, api_base: str) -> None:
             "CELERY_TASK_ALWAYS_EAGER": "false",
             "BAOMING_API_BASE": api_base,
             "BAOMING_RATE_LIMIT": repr(args.limiter_rate),
-            "BAOMING_CONCURRENCY": str(args.concurrency),
-            "BAOMING_BATCH_SIZE": str(args.batch_size),
             "NOTIFY_URLS": "",
         }
     )
+    # None: the project's defaults, as a deployment that sets nothing gets them.
+    for name, value in (("BAOMING_CONCURRENCY", args.concurrency), ("BAOMING_BATCH_SIZE", args.batch_size)):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = str(value)
 
 
 def ensure_database(database_url: str) -> None:
@@ -381,31 +395,6 @@ def wait_for_final_run(timeout: float, workers: list[Worker]) -> RefreshRun:
     raise BenchmarkError(f"the refresh run did not end within {timeout:.0f} s (see the worker logs)")
 
 
-def run_with_workers(args: argparse.Namespace, server: FakeBaomingServer, log_dir: Path) -> Figures:
-    from tokens.models import RunTrigger
-    from tokens.tasks import refresh_tokens
-
-    with running_workers(args, log_dir) as workers:
-        enqueued_at = time.time()
-        refresh_tokens.delay(max_age_days=None, trigger=RunTrigger.COMMAND)
-        run = wait_for_final_run(args.timeout, workers)
-        observed = time.time() - enqueued_at
-        # Same host, same clock: the run's ended_at is exact where polling is not.
-        seconds = run.ended_at.timestamp() - enqueued_at if run.ended_at else observed
-        per_worker = [vm_hwm_mb(worker.process.pid) for worker in workers if worker.process.poll() is None]
-    return _figures(
-        args,
-        server,
-        run,
-        mode=f"{args.workers} celery worker processes (--pool=solo)",
-        seconds=seconds,
-        timing=f"enqueue of tokens.refresh_tokens -> RefreshRun.ended_at (polling saw it after {observed:.2f} s)",
-        peak_rss_mb=max(per_worker, default=0.0),
-        per_worker_rss_mb=per_worker,
-        rss_note="max VmHWM of the worker processes, sampled after the run",
-    )
-
-
 def _figures(
     args: argparse.Namespace,
     server: FakeBaomingServer,
@@ -457,8 +446,8 @@ def report(figures: Figures, args: argparse.Namespace, *, log_dir: Path | None) 
         ("mode", figures.mode),
         ("tokens", str(figures.tokens)),
         ("workers", str(figures.workers)),
-        ("concurrency", f"{figures.concurrency} threads per process (BAOMING_CONCURRENCY)"),
-        ("batch size", str(args.batch_size)),
+        ("concurrency", f"up to {settings.BAOMING_CONCURRENCY} checks in flight per process (BAOMING_CONCURRENCY)"),
+        ("batch size", str(settings.BAOMING_BATCH_SIZE)),
         ("latency", f"{args.latency * 1000:.0f} ms (fake upstream)"),
         ("rate limit", f"{figures.rate:g} req/s (BAOMING_RATE_LIMIT {args.limiter_rate:g})"),
         ("seconds", f"{figures.seconds:.2f}  [{figures.timing}]"),
@@ -513,11 +502,166 @@ def report(figures: Figures, args: argparse.Namespace, *, log_dir: Path | None) 
         print(f"WARNING: {figures.tokens - figures.ok} of {figures.tokens} tokens were not refreshed ok")
 
 
+# --- the API of the combined benchmark --------------------------------------------------------
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (``/proc/<pid>/stat`` fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset a process' ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5), so the peak read
+    after the run is the run's, not the start-up's. False when the kernel refused."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_refresh(
+    tokens: int,
+    rate: float,
+    latency: float,
+    workers: int = 2,
+    *,
+    concurrency: int | None = None,
+    batch_size: int | None = None,
+    database_url: str = DEFAULT_DATABASE_URL,
+    redis_url: str = DEFAULT_REDIS_URL,
+    broker_url: str = DEFAULT_BROKER_URL,
+    queue: str = DEFAULT_QUEUE,
+    timeout: float | None = None,
+    limiter_rate: float | None = None,
+) -> dict:
+    """One refresh run of ``tokens`` tokens by ``workers`` real Celery worker processes
+    (``--pool=solo``) against the fake upstream; figures as a dict (see benchmarks/README.md).
+
+    ``concurrency`` / ``batch_size`` None: the project's defaults (BAOMING_CONCURRENCY,
+    BAOMING_BATCH_SIZE). The seeding happens before the workers start, and each worker's peak RSS
+    is reset once it is ready: ``peak_rss_mb`` and ``cpu_s_per_1000`` are the run's alone.
+    """
+    from leasesite.fakes.baoming_server import FakeBaomingServer
+
+    args = argparse.Namespace(
+        tokens=tokens,
+        latency=latency,
+        rate=rate,
+        limiter_rate=limiter_rate or rate,
+        workers=workers,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        timeout=timeout or default_timeout(tokens, rate),
+        database_url=database_url,
+        redis_url=redis_url,
+        broker_url=broker_url,
+        queue=queue,
+    )
+    log_dir = Path(tempfile.mkdtemp(prefix="leasesite-bench-"))
+    server = FakeBaomingServer(latency=latency, invalid_prefix="")
+    server.start()
+    try:
+        configure_environment(args, api_base=server.url)
+        ensure_database(database_url)
+        _setup_django_once(log_dir / "run.log")
+        prepare_database(tokens)
+        reset_redis(args)
+        from django.db import close_old_connections
+
+        close_old_connections()
+        from tokens.models import RunTrigger
+        from tokens.tasks import refresh_tokens
+
+        with running_workers(args, log_dir) as procs:
+            pids = [worker.process.pid for worker in procs]
+            rss_reset = all(reset_peak_rss(pid) for pid in pids)
+            cpu_before = [proc_cpu_seconds(pid) for pid in pids]
+            server.state.arrivals.clear()
+            enqueued_mono = time.monotonic()
+            enqueued_at = time.time()
+            refresh_tokens.delay(max_age_days=None, trigger=RunTrigger.COMMAND)
+            run = wait_for_final_run(args.timeout, procs)
+            seconds = run.ended_at.timestamp() - enqueued_at if run.ended_at else time.time() - enqueued_at
+            cpu = sum(proc_cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True))
+            peaks = [vm_hwm_mb(pid) for pid in pids]
+    finally:
+        server.stop()
+    arrivals = sorted(server.state.arrivals)
+    checks = len(arrivals)
+    ideal = tokens / rate
+    return {
+        "tokens": tokens,
+        "workers": workers,
+        "rate": rate,
+        "latency_ms": latency * 1000,
+        "seconds": seconds,
+        "ideal_seconds": ideal,
+        "ratio": seconds / ideal,
+        "max_in_any_second": server.state.max_in_any_second(),
+        "cpu_s_per_1000": cpu / (checks / 1000) if checks else None,
+        "peak_rss_mb": max(peaks, default=0.0),
+        "peak_rss_is_the_runs": rss_reset,
+        "checks_per_s": checks / seconds if seconds else None,
+        "checks": checks,
+        "first_request_s": arrivals[0] - enqueued_mono if arrivals else None,
+        "last_request_to_end_s": seconds - (arrivals[-1] - enqueued_mono) if arrivals else None,
+        "status": run.status,
+        "ok": run.ok,
+        "total": run.total,
+    }
+
+
+_django_ready = False
+
+
+def _setup_django_once(log_path: Path) -> None:
+    global _django_ready
+    if not _django_ready:
+        setup_django(log_path)
+        _django_ready = True
+
+
+def measure_old_tool(tokens: int = 100, latency: float = 0.05, *, pause: float = 1.0) -> dict:
+    """The old tool's way on the same fake upstream: one token after another with ``requests.get``
+    (no session, the old call's parameters) and its ``time.sleep(1)`` between tokens
+    (``tools/refresh_baoming_tokens.py`` of 6June6/auto-from, see README "Coming from the old
+    refresh tool"). Returns the seconds it took."""
+    import requests
+
+    from leasesite.fakes.baoming_server import FakeBaomingServer
+
+    server = FakeBaomingServer(latency=latency, invalid_prefix="")
+    server.start()
+    values = [secrets.token_hex(16) for _ in range(tokens)]
+    ok = 0
+    try:
+        started = time.monotonic()
+        for index, token in enumerate(values):
+            response = requests.get(
+                f"{server.url}/xcx/enroll/v3/detail",
+                params={"eid": "69844bcf8eaa2449c7a37fae", "access_token": token, "referer": "", "spider": "h5"},
+                timeout=10,
+            )
+            ok += response.json().get("sta") == 0
+            if index < tokens - 1:
+                time.sleep(pause)
+        seconds = time.monotonic() - started
+    finally:
+        server.stop()
+    return {"tokens": tokens, "latency_ms": latency * 1000, "pause_s": pause, "seconds": seconds, "ok": ok}
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workers >= 2:
+        return main_workers(args)
     from leasesite.fakes.baoming_server import FakeBaomingServer
 
     log_dir = Path(tempfile.mkdtemp(prefix="leasesite-bench-"))
@@ -531,8 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_database(args.tokens)
         reset_redis(args)
         server.state.arrivals.clear()
-        in_process = args.workers == 1
-        figures = run_in_process(args, server) if in_process else run_with_workers(args, server, log_dir)
+        figures = run_in_process(args, server)
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}; logs in {log_dir}", file=sys.stderr)
         return EXIT_BENCH_FAILED
@@ -544,6 +687,38 @@ def main(argv: list[str] | None = None) -> int:
             path.unlink()
         log_dir.rmdir()
     return EXIT_RATE_EXCEEDED if figures.rate_exceeded else EXIT_OK
+
+
+def main_workers(args: argparse.Namespace) -> int:
+    """K >= 2 workers: ``measure_refresh``, printed as labelled lines and one JSON line."""
+    import json
+
+    print(f"seeding {args.tokens} tokens, then {args.workers} workers ...", flush=True)
+    try:
+        figures = measure_refresh(
+            args.tokens,
+            args.rate,
+            args.latency,
+            args.workers,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            database_url=args.database_url,
+            redis_url=args.redis_url,
+            broker_url=args.broker_url,
+            queue=args.queue,
+            timeout=args.timeout,
+            limiter_rate=args.limiter_rate,
+        )
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return EXIT_BENCH_FAILED
+    width = max(len(key) for key in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(json.dumps(figures))
+    if figures["ok"] != args.tokens:
+        print(f"WARNING: {args.tokens - figures['ok']} of {args.tokens} tokens were not refreshed ok")
+    return EXIT_RATE_EXCEEDED if figures["max_in_any_second"] > args.rate else EXIT_OK
 
 
 if __name__ == "__main__":

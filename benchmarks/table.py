@@ -137,7 +137,10 @@ def machine() -> str:
 
 
 def print_refresh(rows: list[Row]) -> None:
-    print("| refresh run | tokens | seconds | ideal s | ratio | max req in any 1 s / limit | checks/s | CPU s per 1,000 | peak RSS MB |")
+    print(
+        "| refresh run | tokens | seconds | ideal s | ratio | max req in any 1 s / limit | checks/s "
+        "| CPU s per 1,000 | peak RSS MB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         r = row.result or {}
@@ -145,7 +148,8 @@ def print_refresh(rows: list[Row]) -> None:
             print(f"| {row.label} | — | failed: {row.error} | | | | | | |")
             continue
         limit = r.get("rate")
-        over = f"{_fmt(r.get('max_in_any_second'))} / {_fmt(limit, 0)}" if r.get("max_in_any_second") is not None else "—"
+        most = r.get("max_in_any_second")
+        over = f"{_fmt(most)} / {_fmt(limit, 0)}" if most is not None else "—"
         print(
             f"| {row.label} | {_fmt(r.get('tokens'))} | {_fmt(r.get('seconds'))} | {_fmt(r.get('ideal_seconds'))} "
             f"| {_fmt(r.get('ratio'), 3)} | {over} | {_fmt(r.get('checks_per_s'), 0)} "

@@ -294,3 +294,155 @@ def test_a_caller_starved_of_cpu_stops_re_reserving_and_says_so(caplog):
         limiter.acquire()
     assert len(reservations) == ratelimit.MAX_LATE_RESERVATIONS + 1
     assert "sending anyway" in caplog.text
+
+
+# -- block reservation across processes (issue 11) -----------------------------------------------------
+# Each child process is a real Python process with its own limiter and threads, sharing one Redis
+# key: what a set of Celery workers does. CLOCK_MONOTONIC is system-wide on Linux, so the children's
+# stamps compare directly.
+_BLOCK_CHILD = """
+import json, sys, threading, time
+import redis
+from leasesite.ratelimit import RedisRateLimiter
+url, key, rate, jitter, block, threads, per_thread, participant = sys.argv[1:9]
+limiter = RedisRateLimiter(redis.Redis.from_url(url), key, float(rate), float(jitter),
+                           block_size=int(block), participant=participant)
+stamps, lock = [], threading.Lock()
+def work():
+    for _ in range(int(per_thread)):
+        limiter.acquire()
+        now = time.monotonic()
+        with lock:
+            stamps.append(now)
+workers = [threading.Thread(target=work) for _ in range(int(threads))]
+for w in workers: w.start()
+for w in workers: w.join()
+print(json.dumps({"stamps": stamps, "reservations": limiter.reservations, "participants": limiter.participants()}))
+"""
+
+
+def run_block_children(
+    *, processes: int, rate: float, jitter: float, block: int | list[int], threads: int, per_thread: int
+):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from django.conf import settings
+
+    key = f"test:rl:{uuid.uuid4().hex}"
+    base = Path(__file__).resolve().parent.parent
+    blocks = block if isinstance(block, list) else [block] * processes
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _BLOCK_CHILD,
+                settings.REDIS_URL,
+                key,
+                str(rate),
+                str(jitter),
+                str(blocks[index]),
+                str(threads),
+                str(per_thread),
+                f"child-{index}",
+            ],
+            cwd=base,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(processes)
+    ]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        results.append(json.loads(out))
+    return results
+
+
+def most_in_window(stamps: list[float], window: float) -> int:
+    stamps = sorted(stamps)
+    most, first = 0, 0
+    for last, stamp in enumerate(stamps):
+        while stamp - stamps[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def test_blocks_across_processes_never_exceed_the_limit_in_any_second_and_come_evenly_spaced():
+    """Three processes × six threads reserve in blocks of 25 slots at 100/s. No 1-second window
+    holds more than the limit; a block is not sent as a burst (25 grants at once) but spread one
+    slot interval apart; and the Redis calls are a fraction of the grants."""
+    rate, jitter, block = 100.0, 0.1, 25
+    results = run_block_children(processes=3, rate=rate, jitter=jitter, block=block, threads=6, per_thread=14)
+    stamps = [stamp for result in results for stamp in result["stamps"]]
+    assert len(stamps) == 3 * 6 * 14
+    assert most_in_one_second(stamps) <= rate
+    # Slots are (1 + J) / rate = 11 ms apart and a grant is at most J late: any 50 ms holds at
+    # most (0.05 + J) / interval + 1 = 14 grants; a block handed out at once would put 25 there.
+    interval = (1 + jitter) / rate
+    assert most_in_window(stamps, 0.05) <= int((0.05 + jitter) / interval) + 1
+    reservations = sum(result["reservations"] for result in results)
+    assert reservations <= len(stamps) / 4, reservations
+
+
+def test_single_slot_reservations_are_still_the_default_and_share_the_same_limit():
+    """A process reserving one slot per call (a QR poll, the lease engine) and one reserving
+    blocks of 10, on one key: together still under the limit in every second."""
+    rate = 60.0
+    results = run_block_children(processes=2, rate=rate, jitter=0.1, block=[1, 10], threads=4, per_thread=12)
+    stamps = [s for r in results for s in r["stamps"]]
+    assert len(stamps) == 96
+    assert most_in_one_second(stamps) <= rate
+    assert results[0]["reservations"] >= 48 > results[1]["reservations"]
+
+
+def test_participants_are_counted_across_processes():
+    """Two processes reserving with a participant id each see two participants."""
+    results = run_block_children(processes=2, rate=200.0, jitter=0.05, block=4, threads=2, per_thread=60)
+    assert [result["participants"] for result in results] == [2, 2]
+
+
+def test_pause_drops_the_slots_a_process_reserved_in_advance():
+    key = f"test:rl:{uuid.uuid4().hex}"
+    limiter = RedisRateLimiter(redis_client(), key, 50.0, 0.05, block_size=10)
+    limiter.acquire()  # reserves a block of 10, uses one
+    limiter.pause(0.5)
+    started = time.monotonic()
+    limiter.acquire()
+    # The nine slots left of the block (within 0.2 s) were dropped: the next grant waits the pause.
+    assert time.monotonic() - started >= 0.45
+
+
+def test_a_block_never_reaches_past_the_reservation_horizon():
+    from leasesite.ratelimit import MAX_RESERVE_AHEAD_SECONDS
+
+    key = f"test:rl:{uuid.uuid4().hex}"
+    rate = 5.0
+    limiter = RedisRateLimiter(redis_client(), key, rate, 0.0, block_size=100)
+    limiter.acquire()
+    reserved = 1 + len(limiter._slots)
+    assert reserved == int(MAX_RESERVE_AHEAD_SECONDS * rate) + 1
+
+
+def test_a_participant_that_leaves_is_no_longer_counted():
+    key = f"test:rl:{uuid.uuid4().hex}"
+    first = RedisRateLimiter(redis_client(), key, 200.0, 0.05, participant="a")
+    second = RedisRateLimiter(redis_client(), key, 200.0, 0.05, participant="b")
+    first.acquire()
+    second.acquire()
+    assert second.participants() == 2
+    second.leave()
+    second.acquire()  # reserves without registering
+    first._slots.clear()
+    first.acquire()
+    assert first.participants() == 1
+    second.join()
+    second._slots.clear()
+    second.acquire()
+    assert second.participants() == 2

@@ -235,8 +235,8 @@ def test_missing_sta_with_ok_message_is_valid():
 def test_connection_is_reused(upstream, client):
     for _ in range(5):
         client.check_token(new_token_value())
-    pool = next(iter(client.session.adapters["http://"].poolmanager.pools._container.values()))
-    assert pool.num_connections == 1
+    # The keep-alive check's own urllib3 pool (the session's way is taken only behind a proxy).
+    assert client._check_pool.num_connections == 1
 
 
 @pytest.mark.parametrize(
@@ -281,3 +281,27 @@ def test_a_timeout_is_no_answer(upstream, client):
         return ok()
 
     assert check(upstream, client, slow).answered is False
+
+
+def test_a_proxy_in_the_environment_is_still_honoured(upstream, monkeypatch):
+    """The keep-alive check skips requests' per-call layers (issue 11), but not the environment:
+    with a proxy configured for the upstream it goes through the session, i.e. the proxy."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    proxied = BaomingClient(base_url=upstream.url, timeout=1)
+    assert proxied._check_pool is None
+    result = proxied.check_token(new_token_value())
+    assert result.outcome == CheckOutcome.TRANSIENT
+    assert upstream.requests == []  # it went to the (dead) proxy, not straight to the upstream
+    monkeypatch.delenv("HTTP_PROXY")
+    direct = BaomingClient(base_url=upstream.url, timeout=1)
+    assert direct._check_pool is not None
+    assert direct.check_token(new_token_value()).outcome == CheckOutcome.VALID
+
+
+def test_the_latency_estimate_follows_the_checks(upstream, client):
+    assert client.latency is None
+    for _ in range(3):
+        client.check_token(new_token_value())
+    assert client.latency is not None and 0 < client.latency < 2

@@ -17,18 +17,25 @@ then is the whole run's share of such answers known, and the circuit breaker can
 when an upstream outage answers "invalid" (or "logged out") for everything.
 
 Each recorded batch also writes the per-token check history (``services.history``).
+
+Reaching the limit (README "Reaching the rate limit"): each process keeps
+``check_concurrency(...)`` checks in flight — its share of the rate (the limiter counts the
+processes taking part) times the measured latency, with a margin, at most BAOMING_CONCURRENCY —
+and works its batches overlapped: the next batch is claimed and queued before the current one's
+last checks are done, and checked while the current one is recorded. A batch task goes on with its
+run's pending batches for up to BATCH_DRAIN_SECONDS.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import queue
+import math
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -78,6 +85,17 @@ BREAKER_KEPT_SUSPECT_MESSAGE = "suspect answers over the limit ignored: circuit 
 SUSPECT_MIN_SPAN = timedelta(hours=1)
 BREAKER_ALERT_KEY = "tokens:breaker"
 STOPPED_MESSAGE = "check not made: the batch was stopped"
+# Sizing (see check_concurrency): checks in flight per process ≈ rate × latency / workers × this.
+CONCURRENCY_SAFETY = 1.5
+# The latency assumed before this process measured any check (generous: threads idle if too many).
+INITIAL_LATENCY_GUESS_SECONDS = 0.25
+SIZING_INTERVAL_SECONDS = 0.25
+# A limiter block covers about this many seconds of a process' share of the rate, at most this many slots.
+BLOCK_SPAN_SECONDS = 0.05
+MAX_BLOCK_SIZE = 16
+# A batch task goes on with further pending batches of its run for up to this long (so its worker
+# never idles between batches); the messages of those batches then find them done and skip.
+BATCH_DRAIN_SECONDS = 60.0
 
 
 class RefreshAlreadyRunning(Exception):  # noqa: N818 - reads as a state, not an error
@@ -184,34 +202,65 @@ class CheckPool:
     a check can sleep inside the shared limiter for as long as the upstream's ``Retry-After``
     (up to 300 s), and an interrupted command must still exit at once. The threads hold no
     database connection and no lock, so ending them with the process loses nothing.
+
+    ``size`` threads exist (``BAOMING_CONCURRENCY``, the upper bound); at most ``limit`` of them
+    run a check at once (``set_limit``, sized by ``check_concurrency``): the others wait, idle,
+    until the limit grows.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._items: deque[tuple[Future, Callable[..., object], dict]] = deque()
+        self._cond = threading.Condition()
+        self._limit = size
+        self._active = 0
+        self._closed = False
         for number in range(size):
             threading.Thread(target=self._work, name=f"baoming-check-{number}", daemon=True).start()
 
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, limit: int) -> None:
+        with self._cond:
+            self._limit = max(1, min(self.size, limit))
+            self._cond.notify_all()
+
     def submit(self, fn: Callable[..., object], /, **kwargs: object) -> Future:
         future: Future = Future()
-        self._queue.put((future, fn, kwargs))
+        with self._cond:
+            self._items.append((future, fn, kwargs))
+            self._cond.notify()
         return future
 
     def shutdown(self) -> None:
-        for _number in range(self.size):
-            self._queue.put(None)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled while queued
+        while True:
+            with self._cond:
+                # At most ``limit`` threads take work, in submission order; the others idle here.
+                while not self._closed and (not self._items or self._active >= self._limit):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                future, fn, kwargs = self._items.popleft()
+                self._active += 1
             try:
-                result = fn(**kwargs)
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+                if future.set_running_or_notify_cancel():  # False: cancelled while queued
+                    try:
+                        result = fn(**kwargs)
+                    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
+            finally:
+                with self._cond:
+                    self._active -= 1
+                    self._cond.notify()
 
 
 _pool_lock = threading.Lock()
@@ -227,6 +276,57 @@ def _get_pool() -> CheckPool:
                 _pool.shutdown()
             _pool = CheckPool(settings.BAOMING_CONCURRENCY)
         return _pool
+
+
+# --- sizing -----------------------------------------------------------------------------------
+
+
+def check_concurrency(
+    *, rate: float, latency: float, workers: int, upper: int, safety: float = CONCURRENCY_SAFETY
+) -> int:
+    """Checks one process keeps in flight: its share of the rate times the time one takes.
+
+    ``ceil(rate × latency / workers × safety)`` clamped to ``[1, upper]``: with ``workers``
+    processes sharing ``rate`` requests per second, each must have ``rate / workers × latency``
+    requests under way to use its share (Little's law); ``safety`` covers the time a check spends
+    outside the request (waiting for its slot, classifying) and the spread of latencies.
+    """
+    if rate <= 0 or latency <= 0:
+        return 1
+    needed = math.ceil(rate * latency / max(workers, 1) * safety)
+    return max(1, min(upper, needed))
+
+
+def limiter_block_size(*, rate: float, workers: int) -> int:
+    """Slots one limiter call reserves: about BLOCK_SPAN_SECONDS of this process' share of the
+    rate (so one Redis round trip serves many checks at high rates), 1 at low rates."""
+    return max(1, min(MAX_BLOCK_SIZE, int(rate / max(workers, 1) * BLOCK_SPAN_SECONDS)))
+
+
+@dataclass
+class _Sizer:
+    """Re-sizes the pool's in-flight limit and the limiter's block from what this process sees:
+    the limiter's rate and participants, the client's measured latency."""
+
+    pool: CheckPool
+    client: BaomingClient
+    limiter: RateLimiter
+    next_at: float = 0.0
+
+    def update(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self.next_at:
+            return
+        self.next_at = now + SIZING_INTERVAL_SECONDS
+        participants = getattr(self.limiter, "participants", None)
+        workers = participants() if callable(participants) else 1
+        latency = getattr(self.client, "latency", None) or INITIAL_LATENCY_GUESS_SECONDS
+        rate = self.limiter.rate
+        self.pool.set_limit(
+            check_concurrency(rate=rate, latency=latency, workers=workers, upper=settings.BAOMING_CONCURRENCY)
+        )
+        if hasattr(self.limiter, "block_size"):
+            self.limiter.block_size = limiter_block_size(rate=rate, workers=workers)
 
 
 def _load_rows(token_ids: list[int]) -> list[_TokenRow]:
@@ -284,10 +384,9 @@ class _BatchInFlight:
         for future in self.futures:
             future.cancel()
 
-    def submit(self, *, client: BaomingClient, limiter: RateLimiter) -> None:
+    def submit(self, *, client: BaomingClient, limiter: RateLimiter, pool: CheckPool) -> None:
         """Queue every row's check on the process pool; undecryptable rows fail at once."""
         retries = settings.BAOMING_RATE_LIMIT_RETRIES
-        pool = _get_pool()
         for row in self.rows:
             if row.decrypt_error or not row.token:
                 self.checks[row.id] = TokenCheck(
@@ -334,42 +433,169 @@ def _batch_claim(batch_id: int) -> _BatchInFlight | None:
     return inflight
 
 
-def _collect_checks(
-    inflight: _BatchInFlight,
+def _batch_start(
+    batch_ids: Iterator[int], *, client: BaomingClient, limiter: RateLimiter, pool: CheckPool, only_next: bool = False
+) -> _BatchInFlight | None:
+    """Claim the next batch of ``batch_ids`` that can be claimed (``only_next``: the next one or
+    none), load its rows and queue its checks; None when the ids ran out."""
+    for batch_id in batch_ids:
+        inflight = _batch_claim(batch_id)
+        if inflight is None:
+            if only_next:
+                return None
+            continue
+        try:
+            inflight.rows = _load_rows(list(inflight.batch.token_ids))
+            inflight.submit(client=client, limiter=limiter, pool=pool)
+        except BaseException:
+            inflight.abort()
+            raise
+        return inflight
+    return None
+
+
+def _take_results(inflight: _BatchInFlight, done: set[Future], on_progress: Callable[[int], None] | None) -> None:
+    for future in done:
+        token_id = inflight.futures[future]
+        try:
+            result, throttled = future.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. the limiter's Redis went away
+            result, throttled = CheckResult(CheckOutcome.TRANSIENT, f"check aborted: {type(exc).__name__}"), 0
+            logger.warning("token %s check aborted: %s", token_id, type(exc).__name__)
+        inflight.checks[token_id] = TokenCheck(token_id, result, throttled)
+    if on_progress is not None and done:
+        on_progress(len(done))
+
+
+def _batches_work(
     *,
+    batch_ids: Iterator[int],
+    client: BaomingClient | None,
+    limiter: RateLimiter | None,
     on_progress: Callable[[int], None] | None,
     stop_requested: Callable[[], bool] | None,
-) -> _BatchOutcome | None:
-    """Wait for the batch's checks, renewing claim and lock on a clock of their own (not only
-    when a check completes: every check may sleep on a long Retry-After). Returns why the batch
-    stopped early, or None when every check completed."""
-    pending = set(inflight.futures)
+    first_must_claim: bool = False,
+) -> list[_BatchOutcome]:
+    """Work the batches of ``batch_ids`` one after another, overlapped; one outcome per batch
+    claimed (an empty list when none could be), the last one LOST or INTERRUPTED if the work
+    stopped there.
+
+    Overlap: when the current batch has no more than ``2 × in-flight limit`` checks left, the
+    next batch is claimed, loaded and queued behind them on the same pool, so the threads go on
+    from the current batch's last checks to the next batch's first without a pause, and check
+    it while this thread records the current one. Claims, the run's lock and its sign of life
+    are renewed on a clock of their own (every check may sleep on a long ``Retry-After``).
+    """
+    client = client or get_baoming_client()
+    limiter = limiter or get_rate_limiter(name="baoming", rate=settings.BAOMING_RATE_LIMIT, participant=True)
+    pool = _get_pool()
+    join, leave = getattr(limiter, "join", None), getattr(limiter, "leave", None)
+    if join is not None:
+        join()
+    sizer = _Sizer(pool=pool, client=client, limiter=limiter)
+    sizer.update(force=True)
+    outcomes: list[_BatchOutcome] = []
+    # A batch task whose own batch is done or taken does nothing more (a second delivery).
+    current = _batch_start(batch_ids, client=client, limiter=limiter, pool=pool, only_next=first_must_claim)
+    upcoming: _BatchInFlight | None = None
+    exhausted = current is None
     interval = renew_interval_seconds()
-    next_beat = time.monotonic() + interval
-    while pending:
-        timeout = max(0.0, next_beat - time.monotonic())
-        if stop_requested is not None:
-            timeout = min(timeout, STOP_POLL_SECONDS)
-        done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
-        for future in done:
-            token_id = inflight.futures[future]
-            try:
-                result, throttled = future.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. the limiter's Redis went away
-                result, throttled = CheckResult(CheckOutcome.TRANSIENT, f"check aborted: {type(exc).__name__}"), 0
-                logger.warning("token %s check aborted: %s", token_id, type(exc).__name__)
-            inflight.checks[token_id] = TokenCheck(token_id, result, throttled)
-            if on_progress is not None:
-                on_progress(1)
-        if stop_requested is not None and stop_requested():
-            return _BatchOutcome.INTERRUPTED
-        if time.monotonic() >= next_beat:
-            reason = inflight.heartbeat()
-            if reason is not None:
-                logger.warning("batch %s of run #%s stopped: %s", inflight.batch.number, inflight.run.pk, reason)
-                return _BatchOutcome.LOST
+    try:
+        while current is not None:
+            pending = set(current.futures)  # the upcoming batch's may be partly done already
             next_beat = time.monotonic() + interval
-    return None
+            stopped: _BatchOutcome | None = None
+            while True:
+                if upcoming is None and not exhausted and len(pending) <= 2 * pool.limit:
+                    upcoming = _batch_start(batch_ids, client=client, limiter=limiter, pool=pool)
+                    exhausted = upcoming is None
+                    if exhausted and leave is not None:
+                        leave()  # no more batches for us: the others may take our share of the rate
+                if not pending:
+                    break
+                timeout = max(0.0, min(next_beat - time.monotonic(), SIZING_INTERVAL_SECONDS))
+                if stop_requested is not None:
+                    timeout = min(timeout, STOP_POLL_SECONDS)
+                done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                _take_results(current, done, on_progress)
+                if stop_requested is not None and stop_requested():
+                    stopped = _BatchOutcome.INTERRUPTED
+                    break
+                sizer.update()
+                if time.monotonic() >= next_beat:
+                    reason = current.heartbeat()
+                    if reason is not None:
+                        logger.warning("batch %s of run #%s stopped: %s", current.batch.number, current.run.pk, reason)
+                        stopped = _BatchOutcome.LOST
+                        break
+                    if upcoming is not None and (reason := upcoming.heartbeat()) is not None:
+                        logger.warning(
+                            "batch %s of run #%s stopped: %s", upcoming.batch.number, upcoming.run.pk, reason
+                        )
+                        upcoming.abort()
+                        upcoming, exhausted = None, True
+                    next_beat = time.monotonic() + interval
+            if stopped is None and current.heartbeat() is not None:  # the last word before writing
+                stopped = _BatchOutcome.LOST
+            if stopped is not None:
+                current.abort()
+                if upcoming is not None:
+                    upcoming.abort()
+                outcomes.append(stopped)
+                return outcomes
+            # The pool checks the upcoming batch meanwhile.
+            outcomes.append(_batch_finish(current))
+            if outcomes[-1] == _BatchOutcome.LOST:
+                if upcoming is not None:
+                    upcoming.abort()
+                return outcomes
+            current, upcoming = upcoming, None
+            if current is None and not exhausted:
+                current = _batch_start(batch_ids, client=client, limiter=limiter, pool=pool)
+                exhausted = current is None
+    except BaseException:
+        # A time limit, a database error: the checks in flight stop asking; the claims expire
+        # and the sweeper sends the batches again.
+        for inflight in (current, upcoming):
+            if inflight is not None:
+                inflight.abort()
+        raise
+    finally:
+        if leave is not None:
+            leave()
+    return outcomes
+
+
+def _batch_finish(inflight: _BatchInFlight) -> _BatchOutcome:
+    """Record a batch whose checks all completed, log its lines, weigh the breaker, finalize."""
+    run = inflight.run
+    if not _record_checks(inflight=inflight):
+        logger.warning("batch %s of run #%s not recorded: the run is closed", inflight.batch.number, run.pk)
+        return _BatchOutcome.LOST
+    base_index = inflight.batch.number * run.batch_size
+    for offset, row in enumerate(inflight.rows, start=1):
+        check = inflight.checks[row.id]
+        reporting.log_token_line(
+            index=base_index + offset,
+            planned=run.planned,
+            card_name=row.card_name,
+            user_name=row.user_name,
+            last_used=row.last_used,
+            outcome=check.result.outcome,
+            message=check.result.message,
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "token %s: %s http=%s %.3fs %s",
+                row.id,
+                check.result.outcome,
+                check.result.http_status,
+                check.result.elapsed,
+                check.result.message,
+            )
+    _evaluate_breaker(run.pk)
+    token_refresh_finalize_if_complete(run_id=run.pk)
+    return _BatchOutcome.RECORDED
 
 
 # --- recording --------------------------------------------------------------------------------
@@ -688,61 +914,26 @@ def token_refresh_start(
     return run
 
 
-def _batch_work(
-    *,
-    batch_id: int,
-    client: BaomingClient | None,
-    limiter: RateLimiter | None,
-    on_progress: Callable[[int], None] | None,
-    stop_requested: Callable[[], bool] | None,
-) -> _BatchOutcome:
-    inflight = _batch_claim(batch_id)
-    if inflight is None:
-        return _BatchOutcome.SKIPPED
-    run = inflight.run
-    try:
-        inflight.rows = _load_rows(list(inflight.batch.token_ids))
-        inflight.submit(
-            client=client or get_baoming_client(),
-            limiter=limiter or get_rate_limiter(name="baoming", rate=settings.BAOMING_RATE_LIMIT),
+def _pending_batches(*, first: int, until: float) -> Iterator[int]:
+    """``first``, then its run's pending batches in order while the run is running and ``until``
+    (monotonic) has not passed."""
+    yield first
+    if time.monotonic() >= until:
+        return
+    run_id = RefreshBatch.objects.filter(pk=first).values_list("run_id", flat=True).first()
+    tried: set[int] = {first}
+    while run_id is not None and time.monotonic() < until:
+        ids = list(
+            RefreshBatch.objects.filter(run_id=run_id, run__status=RunStatus.RUNNING, status=BatchStatus.PENDING)
+            .exclude(id__in=tried)
+            .order_by("number")
+            .values_list("id", flat=True)[:4]
         )
-        stopped = _collect_checks(inflight, on_progress=on_progress, stop_requested=stop_requested)
-        if stopped is None and inflight.heartbeat() is not None:  # the last word before writing
-            stopped = _BatchOutcome.LOST
-    except BaseException:
-        # A time limit, a database error: the checks in flight stop asking; the claim expires
-        # and the sweeper sends the batch again.
-        inflight.abort()
-        raise
-    if stopped is not None:
-        inflight.abort()
-        return stopped
-    if not _record_checks(inflight=inflight):
-        logger.warning("batch %s of run #%s not recorded: the run is closed", inflight.batch.number, run.pk)
-        return _BatchOutcome.LOST
-    base_index = inflight.batch.number * run.batch_size
-    for offset, row in enumerate(inflight.rows, start=1):
-        check = inflight.checks[row.id]
-        reporting.log_token_line(
-            index=base_index + offset,
-            planned=run.planned,
-            card_name=row.card_name,
-            user_name=row.user_name,
-            last_used=row.last_used,
-            outcome=check.result.outcome,
-            message=check.result.message,
-        )
-        logger.debug(
-            "token %s: %s http=%s %.3fs %s",
-            row.id,
-            check.result.outcome,
-            check.result.http_status,
-            check.result.elapsed,
-            check.result.message,
-        )
-    _evaluate_breaker(run.pk)
-    token_refresh_finalize_if_complete(run_id=run.pk)
-    return _BatchOutcome.RECORDED
+        if not ids:
+            return
+        for batch_id in ids:
+            tried.add(batch_id)
+            yield batch_id
 
 
 def token_refresh_batch(
@@ -751,16 +942,24 @@ def token_refresh_batch(
     client: BaomingClient | None = None,
     limiter: RateLimiter | None = None,
     on_progress: Callable[[int], None] | None = None,
+    drain_seconds: float = 0.0,
 ) -> bool:
     """Check one batch and record it; True when this call recorded it.
 
     Idempotent: a done batch, a batch claimed by a live worker, or a batch of a closed run is
-    skipped without calling the upstream.
+    skipped without calling the upstream. With ``drain_seconds`` (the Celery task), once its own
+    batch is claimed the call goes on with the run's further pending batches, overlapped, until
+    that many seconds have passed or none is left; their own messages then skip them.
     """
-    outcome = _batch_work(
-        batch_id=batch_id, client=client, limiter=limiter, on_progress=on_progress, stop_requested=None
+    outcomes = _batches_work(
+        batch_ids=_pending_batches(first=batch_id, until=time.monotonic() + drain_seconds),
+        client=client,
+        limiter=limiter,
+        on_progress=on_progress,
+        stop_requested=None,
+        first_must_claim=True,
     )
-    return outcome == _BatchOutcome.RECORDED
+    return bool(outcomes) and outcomes[0] == _BatchOutcome.RECORDED
 
 
 def token_refresh_finalize_if_complete(*, run_id: int) -> None:
@@ -849,25 +1048,28 @@ def token_refresh_run(
         on_start(run)
     stop_requested = stop.is_set if stop is not None else None
     try:
-        batch_ids = list(run.batches.filter(status=BatchStatus.PENDING).order_by("number").values_list("id", flat=True))
-        for batch_id in batch_ids:
-            if stop is not None and stop.is_set():
-                outcome = _BatchOutcome.INTERRUPTED
-            else:
-                outcome = _batch_work(
-                    batch_id=batch_id,
-                    client=client,
-                    limiter=limiter,
-                    on_progress=on_progress,
-                    stop_requested=stop_requested,
-                )
-            if outcome == _BatchOutcome.INTERRUPTED:
-                token_refresh_abort(
-                    run_id=run.pk, status=RunStatus.INTERRUPTED, error="interrupted: stop requested (signal)"
-                )
-                break
-            if outcome == _BatchOutcome.LOST:
-                break  # the run is closed (taken over, abandoned): nothing more to do for it
+        listed = list(run.batches.filter(status=BatchStatus.PENDING).order_by("number").values_list("id", flat=True))
+
+        def batch_ids() -> Iterator[int]:
+            for batch_id in listed:
+                if stop is not None and stop.is_set():
+                    return
+                yield batch_id
+
+        outcomes = _batches_work(
+            batch_ids=batch_ids(),
+            client=client,
+            limiter=limiter,
+            on_progress=on_progress,
+            stop_requested=stop_requested,
+        )
+        interrupted = (outcomes and outcomes[-1] == _BatchOutcome.INTERRUPTED) or (
+            stop is not None and stop.is_set() and (not outcomes or outcomes[-1] != _BatchOutcome.LOST)
+        )
+        if interrupted and run.batches.exclude(status=BatchStatus.DONE).exists():
+            token_refresh_abort(
+                run_id=run.pk, status=RunStatus.INTERRUPTED, error="interrupted: stop requested (signal)"
+            )
     except BaseException as exc:
         status = RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt | SystemExit) else RunStatus.FAILED
         token_refresh_abort(
