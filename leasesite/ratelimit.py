@@ -68,6 +68,12 @@ MAX_LATE_RESERVATIONS = 10
 # A participant counts while it reserved within this many seconds (or five slot intervals, if longer).
 PARTICIPANT_WINDOW_SECONDS = 1.0
 
+# One key per Redis says "this Redis has kept the schedules": it is set by the first reservation
+# and renewed by every other. A restarted Redis (it keeps nothing on disk) has lost it, and its
+# first reservations wait out the slots the processes still hold from before (tests/faults/
+# test_refresh_redis_restart.py).
+EPOCH_KEY = "leasesite:ratelimit:epoch"
+
 # Give a reserved slot back: only when nobody reserved after it (the TAT is still the one this
 # reservation set), so no other caller's slot moves.
 _GIVE_BACK_LUA = """
@@ -106,9 +112,18 @@ if ARGV[4] ~= '' then
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local wait = tat - now
 local interval = tonumber(ARGV[1])
 local horizon = math.max(tonumber(ARGV[2]), interval)
+-- KEYS[3] (EPOCH_KEY) outlives idle spells; missing, this Redis has lost the schedules
+-- (restarted, flushed): slots reserved from its predecessor may still be ahead, up to the
+-- horizon, so the new schedule starts after them.
+if redis.call('SET', KEYS[3], '1', 'PX', 86400000, 'NX') then
+  tat = math.max(tat, now + horizon + interval)
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+else
+  redis.call('PEXPIRE', KEYS[3], 86400000)
+end
+local wait = tat - now
 if wait > horizon then
   return {0, string.format('%.0f', wait - horizon), '', participants}
 end
@@ -232,6 +247,7 @@ class RedisRateLimiter:
         self._sleep = sleep
         self._key = key
         self._participants_key = f"{key}:participants"
+        self._epoch_key = EPOCH_KEY
         self._participant = participant
         self._registered = bool(participant)
         self._window_us = int(max(PARTICIPANT_WINDOW_SECONDS, 5 * self._interval) * 1_000_000)
@@ -283,7 +299,7 @@ class RedisRateLimiter:
         while True:
             asked_at = self._clock()
             count, micros, block_end, participants = self._reserve(
-                keys=[self._key, self._participants_key],
+                keys=[self._key, self._participants_key, self._epoch_key],
                 args=[
                     self._interval_us,
                     horizon_us,

@@ -9,11 +9,16 @@ import uuid
 import pytest
 import redis
 
-from leasesite.ratelimit import LocalRateLimiter, RedisRateLimiter
+from leasesite.ratelimit import EPOCH_KEY, LocalRateLimiter, RedisRateLimiter
 
 
 def redis_client() -> redis.Redis:
     return redis.Redis.from_url("redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(autouse=True)
+def _redis_kept_its_schedules() -> None:
+    redis_client().set(EPOCH_KEY, "1", px=86_400_000)
 
 
 def hammer(limiters: list, per_thread: int, threads_per_limiter: int) -> tuple[float, list[float]]:
@@ -446,3 +451,22 @@ def test_a_participant_that_leaves_is_no_longer_counted():
     second._slots.clear()
     second.acquire()
     assert second.participants() == 2
+
+
+def test_a_redis_that_lost_its_schedules_starts_after_the_slots_handed_out_before():
+    """A restarted Redis has no TAT: slots a process reserved before (up to the horizon ahead)
+    may still be sent, so the first reservation afterwards waits past them."""
+    from leasesite.ratelimit import MAX_RESERVE_AHEAD_SECONDS
+
+    key = f"test:rl:{uuid.uuid4().hex}"
+    rate = 10.0
+    before = RedisRateLimiter(redis_client(), key, rate, 0.0, block_size=100)
+    before.acquire()
+    last_before = before._slots[-1][0]  # the latest slot handed out before the "restart"
+    redis_client().delete(key, EPOCH_KEY)  # what a restart without persistence leaves
+    after = RedisRateLimiter(redis_client(), key, rate, 0.0)
+    after.acquire()
+    granted = time.monotonic()
+    assert granted >= last_before + 1 / rate - 0.02
+    assert granted - last_before < MAX_RESERVE_AHEAD_SECONDS  # not a needless long wait either
+    assert redis_client().exists(EPOCH_KEY)
