@@ -26,6 +26,7 @@ from pathlib import Path
 
 BASE = Path(__file__).resolve().parent.parent
 MARK = "@@BENCH-JSON@@"
+NO_LIMIT = 10_000  # a "limit" this high stands for none (the CPU-ceiling and memory rows)
 
 
 @dataclass
@@ -149,7 +150,13 @@ def print_refresh(rows: list[Row]) -> None:
             continue
         limit = r.get("rate")
         most = r.get("max_in_any_second")
-        over = f"{_fmt(most)} / {_fmt(limit, 0)}" if most is not None else "—"
+        unlimited = limit is not None and limit >= NO_LIMIT
+        if most is None:
+            over = "—"
+        else:
+            over = f"{_fmt(most)} / {'none' if unlimited else _fmt(limit, 0)}"
+        if unlimited:  # no limit: the ideal time means nothing
+            r = {**r, "ideal_seconds": None, "ratio": None}
         print(
             f"| {row.label} | {_fmt(r.get('tokens'))} | {_fmt(r.get('seconds'))} | {_fmt(r.get('ideal_seconds'))} "
             f"| {_fmt(r.get('ratio'), 3)} | {over} | {_fmt(r.get('checks_per_s'), 0)} "

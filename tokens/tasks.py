@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 from celery import shared_task
+from celery.signals import worker_shutting_down
 from django.db import OperationalError
 from django.utils.translation import gettext as _
 
@@ -71,7 +73,21 @@ def refresh_tokens(
 def refresh_batch(batch_id: int) -> bool:
     """Check one batch of a run, then go on with its run's pending batches for a while (overlapped,
     see ``token_refresh_batch``); a done or claimed batch, or a closed run, is a no-op (safe to redeliver)."""
-    return token_refresh_batch(batch_id=batch_id, drain_seconds=BATCH_DRAIN_SECONDS)
+    return token_refresh_batch(
+        batch_id=batch_id, drain_seconds=BATCH_DRAIN_SECONDS, keep_draining=lambda: not _shutting_down.is_set()
+    )
+
+
+# Set when this worker begins its warm shutdown (SIGTERM): a draining batch task then takes no
+# further batch, finishes what it holds and returns, so `docker stop` does not have to kill it.
+# Prefork pool children do not see the signal; they stop draining when BATCH_DRAIN_SECONDS ends
+# (the compose file gives workers a stop grace period longer than that).
+_shutting_down = threading.Event()
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(**_kwargs: object) -> None:
+    _shutting_down.set()
 
 
 @shared_task(name="tokens.cleanup_tokens", ignore_result=True)

@@ -914,15 +914,19 @@ def token_refresh_start(
     return run
 
 
-def _pending_batches(*, first: int, until: float) -> Iterator[int]:
-    """``first``, then its run's pending batches in order while the run is running and ``until``
-    (monotonic) has not passed."""
+def _pending_batches(*, first: int, until: float, keep_going: Callable[[], bool] | None = None) -> Iterator[int]:
+    """``first``, then its run's pending batches in order while the run is running, ``until``
+    (monotonic) has not passed and ``keep_going()`` (when given) says so."""
+
+    def more() -> bool:
+        return time.monotonic() < until and (keep_going is None or keep_going())
+
     yield first
-    if time.monotonic() >= until:
+    if not more():
         return
     run_id = RefreshBatch.objects.filter(pk=first).values_list("run_id", flat=True).first()
     tried: set[int] = {first}
-    while run_id is not None and time.monotonic() < until:
+    while run_id is not None and more():
         ids = list(
             RefreshBatch.objects.filter(run_id=run_id, run__status=RunStatus.RUNNING, status=BatchStatus.PENDING)
             .exclude(id__in=tried)
@@ -932,6 +936,8 @@ def _pending_batches(*, first: int, until: float) -> Iterator[int]:
         if not ids:
             return
         for batch_id in ids:
+            if not more():
+                return
             tried.add(batch_id)
             yield batch_id
 
@@ -943,16 +949,18 @@ def token_refresh_batch(
     limiter: RateLimiter | None = None,
     on_progress: Callable[[int], None] | None = None,
     drain_seconds: float = 0.0,
+    keep_draining: Callable[[], bool] | None = None,
 ) -> bool:
     """Check one batch and record it; True when this call recorded it.
 
     Idempotent: a done batch, a batch claimed by a live worker, or a batch of a closed run is
     skipped without calling the upstream. With ``drain_seconds`` (the Celery task), once its own
     batch is claimed the call goes on with the run's further pending batches, overlapped, until
-    that many seconds have passed or none is left; their own messages then skip them.
+    that many seconds have passed, none is left or ``keep_draining()`` turns false (the worker is
+    shutting down); their own messages then skip them.
     """
     outcomes = _batches_work(
-        batch_ids=_pending_batches(first=batch_id, until=time.monotonic() + drain_seconds),
+        batch_ids=_pending_batches(first=batch_id, until=time.monotonic() + drain_seconds, keep_going=keep_draining),
         client=client,
         limiter=limiter,
         on_progress=on_progress,
