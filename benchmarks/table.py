@@ -151,10 +151,7 @@ def print_refresh(rows: list[Row]) -> None:
         limit = r.get("rate")
         most = r.get("max_in_any_second")
         unlimited = limit is not None and limit >= NO_LIMIT
-        if most is None:
-            over = "—"
-        else:
-            over = f"{_fmt(most)} / {'none' if unlimited else _fmt(limit, 0)}"
+        over = "—" if most is None else f"{_fmt(most)} / {'none' if unlimited else _fmt(limit, 0)}"
         if unlimited:  # no limit: the ideal time means nothing
             r = {**r, "ideal_seconds": None, "ratio": None}
         print(
