@@ -250,6 +250,11 @@ def reset_redis(args: argparse.Namespace) -> None:
     broker = redis.Redis.from_url(args.broker_url)
     try:
         limiter.delete(RATE_LIMIT_KEY)
+        # An empty bucket of a Redis that kept its state: without the epoch key the limiter would
+        # treat it as freshly restarted and wait out the slots of a predecessor (2 s, once).
+        from leasesite.ratelimit import EPOCH_KEY
+
+        limiter.set(EPOCH_KEY, "1", px=86_400_000)
         stale = list(broker.scan_iter(match=f"{args.queue}*"))
         # The broker database is the benchmark's own: unacked tasks there are ours too.
         broker.delete(*stale, "unacked", "unacked_index", "unacked_mutex")
