@@ -282,8 +282,14 @@ def test_the_accept_mail_says_where_and_since_when(smtp, make_team, make_lease):
 
 
 # -- the mail itself ---------------------------------------------------------------------------------
+def midday() -> datetime:
+    """Noon local time today. "In N days" counts calendar days in DJANGO_TIME_ZONE, so a test run
+    shortly before local midnight would otherwise cross a day boundary with its "+ 1 hour"."""
+    return timezone.localtime().replace(hour=12, minute=0, second=0, microsecond=0)
+
+
 def test_the_mail_has_text_and_html_with_absolute_links_and_local_dates(smtp, make_team, make_lease):
-    now = timezone.now()
+    now = midday()
     team = make_team("Team Ω & Co")
     lease = make_lease(team, LeaseStatus.ACTIVE, ends_at=now + 2 * DAY + timedelta(hours=1))
 
@@ -321,7 +327,7 @@ def test_a_failed_lease_mail_names_no_team(smtp, make_team, make_lease):
 
 def test_the_mail_follows_the_site_language(smtp, settings, make_team, make_lease):
     settings.LANGUAGE_CODE = "en"
-    now = timezone.now()
+    now = midday()
     lease = make_lease(make_team("alpha"), LeaseStatus.ACTIVE, ends_at=now + 2 * DAY + timedelta(hours=1))
 
     reminders_send(now=now)

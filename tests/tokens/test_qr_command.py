@@ -11,6 +11,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,10 @@ def test_on_pipes_the_countdown_is_plain_lines_and_a_picture_goes_to_a_file(tmp_
         )
         try:
             login = waiting_login()
-            pictures = list((tmp_path / "qr-logins").glob("*.png"))
+            # The command writes the picture just after it stores the waiting login: wait for it.
+            deadline = time.monotonic() + 10
+            while not (pictures := list((tmp_path / "qr-logins").glob("*.png"))) and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert [p.name for p in pictures] == [f"{login.pk}.png"]
             assert pictures[0].read_bytes().startswith(b"\x89PNG")
             assert pictures[0].stat().st_mode & 0o777 == 0o600
