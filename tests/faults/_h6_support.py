@@ -23,6 +23,8 @@ from urllib.parse import quote, quote_plus, urljoin
 import requests
 from django.db import connection
 
+from tests.faults import processes
+
 BASE = Path(__file__).resolve().parents[2]
 
 
@@ -295,14 +297,7 @@ def crawl_admin(session: requests.Session, base: str, *, per_model: int = 5) -> 
 
 
 def wait_until(predicate, *, timeout: float, what: str, interval: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return processes.wait_for(predicate, timeout=timeout, what=what, interval=interval)
 
 
 def log_problems(paths: Iterable[Path]) -> list[str]:
