@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -157,14 +157,48 @@ def team_choices(
         .defer("api_token")
         .order_by("pk")
     )
+    return rank_team_choices(candidates, term_end=term_end)
+
+
+def rank_team_choices(
+    teams: Iterable[Team], *, term_end: datetime, taken_meanwhile: Mapping[int, int] | None = None
+) -> list[TeamChoice]:
+    """``teams`` with a free seat, best first (the order ``team_choices`` promises). Seats a
+    caller has already promised to other leases (``taken_meanwhile``: team id -> seats) count as
+    used, so one batch of leases spreads over the teams as one lease after the other would."""
+    taken_meanwhile = taken_meanwhile or {}
     choices = []
-    for team in candidates:
-        free = team.capacity - team_seats_used(team)
+    for team in teams:
+        free = team.capacity - max(team_seats_used(team), team.seats_taken + taken_meanwhile.get(team.pk, 0))
         if free > 0:
             covers = team.expires_at is None or team.expires_at >= term_end
             choices.append(TeamChoice(team=team, free=free, covers_term=covers))
     choices.sort(key=lambda c: (c.team.health != TeamHealth.HEALTHY, not c.covers_term, -c.free, c.team.pk))
     return choices
+
+
+def teams_open_by_pool(*, pools: Iterable[str], now: datetime | None = None) -> dict[str, list[Team]]:
+    """The teams open for new members in each of ``pools`` (one query, primary-key order), with
+    their API tokens: a transfer run invites through them."""
+    by_pool: dict[str, list[Team]] = {}
+    for team in teams_open_for_new_members(now=now).filter(pool__in=list(pools)).order_by("pk"):
+        by_pool.setdefault(team.pool, []).append(team)
+    return by_pool
+
+
+def emails_seated_team_ids(emails: Iterable[str]) -> dict[str, set[int]]:
+    """Lower-cased email -> the teams its open leases sit in, for many emails in one query
+    (through the ``lower(email)`` index)."""
+    wanted = sorted({(email or "").strip().lower() for email in emails})
+    seated: dict[str, set[int]] = {}
+    rows = (
+        MemberLease.objects.annotate(email_lower=Lower("email"))
+        .filter(email_lower__in=wanted, status__in=NON_FINAL_STATUSES, team__isnull=False)
+        .values_list("email_lower", "team_id")
+    )
+    for email, team_id in rows:
+        seated.setdefault(email, set()).add(team_id)
+    return seated
 
 
 def leases_due_for_transfer(*, now: datetime | None = None) -> QuerySet[MemberLease]:

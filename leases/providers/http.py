@@ -20,11 +20,14 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import requests
+import urllib3
 from django.conf import settings
+from requests import certs
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
 from leases.providers.base import (
     TEAM_DEAD_STATUSES,
@@ -69,14 +72,47 @@ def host_limiter(api_base: str) -> RateLimiter:
     return get_rate_limiter(name=f"provider:{parts.scheme}://{parts.netloc}", rate=settings.LEASE_PROVIDER_RATE_LIMIT)
 
 
+USER_AGENT = "leasesite/1 (+team-provider)"
+
+
 @lru_cache(maxsize=1)
 def _session() -> requests.Session:
     session = requests.Session()
     adapter = HTTPAdapter(pool_connections=16, pool_maxsize=32, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.headers["User-Agent"] = "leasesite/1 (+team-provider)"
+    session.headers["User-Agent"] = USER_AGENT
     return session
+
+
+@lru_cache(maxsize=64)
+def _direct_pool(origin: str) -> urllib3.HTTPConnectionPool | None:
+    """A urllib3 connection pool for one provider origin — the transport under requests, without
+    requests' per-call layers (re-reading the whole environment for proxy settings on every call
+    was most of a call's CPU) — or None when the environment names a proxy for it (then the
+    calls go through the Session, which applies it)."""
+    environment = _session().merge_environment_settings(origin, {}, None, None, None)
+    if environment.get("proxies"):
+        return None
+    options: dict[str, Any] = {}
+    if origin.startswith("https://"):
+        verify = environment.get("verify")
+        options = {"cert_reqs": "CERT_REQUIRED", "ca_certs": verify if isinstance(verify, str) else certs.where()}
+    return urllib3.connection_from_url(origin, maxsize=32, block=False, retries=False, **options)
+
+
+class ProviderAnswer:
+    """What a provider answered: the status, the headers (case-insensitive) and the body."""
+
+    __slots__ = ("body", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: Any, body: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -116,16 +152,58 @@ class HttpTeamProvider:
         if not api_base:
             raise PermanentProviderError("the team has no API base URL")
         self.api_base = api_base.rstrip("/") + "/"
-        self._headers = {"Authorization": f"Bearer {api_token}", "Accept": "application/json"}
+        self._headers = {"Authorization": f"Bearer {api_token}", "Accept": "application/json", "User-Agent": USER_AGENT}
         self.timeout = timeout if timeout is not None else settings.LEASE_PROVIDER_TIMEOUT
         self.page_size = settings.LEASE_PROVIDER_PAGE_SIZE
         self.calls = 0
         self.limiter = host_limiter(self.api_base)
         self.host = upstream_host(self.api_base)
+        parts = urlsplit(self.api_base)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self._timeouts = urllib3.Timeout(connect=self.timeout, read=self.timeout)
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        url = self.api_base + path
+    def _send(self, method: str, path: str, params: dict[str, Any] | None, payload: Any) -> ProviderAnswer:
+        """One HTTP exchange; raises ``TimeoutError`` for a timeout and ``ConnectionError`` for
+        every other transport failure (refused, reset, broken answer)."""
+        url = self.api_base + path + (f"?{urlencode(params)}" if params else "")
+        headers = self._headers
+        body = None
+        if payload is not None:
+            body = json.dumps(payload).encode()
+            headers = {**headers, "Content-Type": "application/json"}
+        pool = _direct_pool(self.origin)
+        if pool is None:
+            try:
+                response = _session().request(method, url, headers=headers, data=body, timeout=self.timeout)
+            except requests.Timeout:
+                raise TimeoutError from None
+            except requests.RequestException as exc:
+                raise ConnectionError(type(exc).__name__) from None
+            return ProviderAnswer(response.status_code, response.headers, response.content)
+        try:
+            response = pool.urlopen(
+                method,
+                url,
+                body=body,
+                headers=headers,
+                timeout=self._timeouts,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+            )
+        except (ReadTimeoutError, urllib3.exceptions.TimeoutError) as exc:
+            # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: a refusal is no timeout.
+            if isinstance(exc, NewConnectionError) or not isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+                raise ConnectionError("ConnectionError") from None
+            raise TimeoutError from None
+        except urllib3.exceptions.HTTPError:
+            raise ConnectionError("ConnectionError") from None
+        return ProviderAnswer(response.status, response.headers, response.data)
+
+    def _request(
+        self, method: str, path: str, params: dict[str, Any] | None = None, payload: Any = None
+    ) -> ProviderAnswer:
         # The call's name without its ids or emails: bounded metric labels that leak nothing.
         call = f"{method} {path.split('/', 1)[0].split('?', 1)[0]}"
         for attempt in range(RETRY_AFTER_ATTEMPTS + 1):
@@ -133,13 +211,13 @@ class HttpTeamProvider:
             self.calls += 1
             started = time.monotonic()
             try:
-                response = _session().request(method, url, headers=self._headers, timeout=self.timeout, **kwargs)
-            except requests.Timeout:
+                response = self._send(method, path, params, payload)
+            except TimeoutError:
                 self._observe(call, "timeout", started)
                 raise TransientProviderError(f"{method} {path}: timed out after {self.timeout:g}s") from None
-            except requests.RequestException as exc:
+            except ConnectionError as exc:
                 self._observe(call, "connection_error", started)
-                raise TransientProviderError(f"{method} {path}: connection error ({type(exc).__name__})") from None
+                raise TransientProviderError(f"{method} {path}: connection error ({exc})") from None
             self._observe(call, provider_outcome(response.status_code), started)
             if response.status_code != 429:
                 return response
@@ -159,7 +237,7 @@ class HttpTeamProvider:
         )
 
     @staticmethod
-    def _raise_for(method: str, path: str, response: requests.Response) -> None:
+    def _raise_for(method: str, path: str, response: ProviderAnswer) -> None:
         status = response.status_code
         if status == 429 or status >= 500:
             raise TransientProviderError(f"{method} {path}: HTTP {status}", status=status)
@@ -226,7 +304,7 @@ class HttpTeamProvider:
         return list(invites.values())
 
     def invite(self, email: str) -> None:
-        response = self._request("POST", "invites", json={"email": email})
+        response = self._request("POST", "invites", payload={"email": email})
         if response.status_code in (200, 201, 202, 204, 409):
             return
         self._raise_for("POST", "invites", response)

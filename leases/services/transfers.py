@@ -30,16 +30,12 @@ and people are alerted once. One lease's trouble never aborts the run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import threading
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from queue import Empty, SimpleQueue
 from typing import TypeVar
 
 from django.conf import settings
@@ -63,8 +59,6 @@ from leases.services.transitions import (
     claim_deadline,
     lease_step,
     lease_transition,
-    leases_claim_renew,
-    leases_release,
     seat_take_first,
 )
 from leasesite.notify import alert_send
@@ -143,13 +137,22 @@ def transfer_backoff_seconds(attempts: int) -> float:
 
 # -- claiming ----------------------------------------------------------------------------------------
 def leases_claim_due(
-    *, owner: str, batch_size: int, email: str | None = None, now: datetime | None = None
+    *,
+    owner: str,
+    batch_size: int,
+    email: str | None = None,
+    now: datetime | None = None,
+    exclude_ids: Iterable[int] = (),
 ) -> list[int]:
+    """Claim up to ``batch_size`` due leases for ``owner`` (not those of ``exclude_ids``)."""
     now = now or timezone.now()
     until = claim_deadline(now)
     due = leases_due_for_transfer(now=now)
     if email:
         due = due.filter(email__iexact=email)
+    exclude_ids = list(exclude_ids)
+    if exclude_ids:
+        due = due.exclude(pk__in=exclude_ids)
     due = due.order_by("expires_at", "pk")
     if connection.features.has_select_for_update_skip_locked:
         with transaction.atomic():
@@ -163,37 +166,6 @@ def leases_claim_due(
         if leases_due_for_transfer(now=now).filter(pk=lease_id).update(claimed_until=until, claimed_by=owner) == 1:
             claimed.append(lease_id)
     return claimed
-
-
-class ClaimKeeper:
-    """Renews ``owner``'s claims on a batch every third of ``LEASE_CLAIM_TTL`` while it is worked
-    on, so a slow batch is never taken over by a second worker."""
-
-    def __init__(self, *, owner: str, lease_ids: list[int]) -> None:
-        self.owner = owner
-        self.lease_ids = lease_ids
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"claims-{owner}", daemon=True)
-
-    def __enter__(self) -> ClaimKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        interval = max(1.0, settings.LEASE_CLAIM_TTL / 3)
-        try:
-            while not self._stop.wait(interval):
-                try:
-                    leases_claim_renew(lease_ids=self.lease_ids, owner=self.owner)
-                except DatabaseError:
-                    logger.warning("could not renew transfer claims of %s", self.owner)
-                    close_old_connections()
-        finally:
-            connection.close()
 
 
 # -- choosing the next team ---------------------------------------------------------------------------
@@ -374,20 +346,7 @@ def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
         # team is withdrawn (and a seat there freed) before the lease ends; a failure retries.
         withdrawn_from = _withdraw_before_expiry(lease)
     old_team = lease.team
-    if old_team.is_dead:
-        left = events.left_old_team(team=old_team, skipped="team is dead: the removal was skipped")
-    else:
-        email, member_id = lease.email, lease.provider_member_id
-        try:
-            freed = _call(old_team, "removal", lambda: seat_free(team=old_team, email=email, member_id=member_id))
-        except TeamCallError as exc:
-            if not _team_died(exc):
-                raise
-            left = events.left_old_team(
-                team=old_team, skipped=f"team is dead ({exc.__cause__}): the removal was skipped"
-            )
-        else:
-            left = events.left_old_team(team=old_team, freed=freed)
+    left = leave_old_team(team=old_team, email=lease.email, member_id=lease.provider_member_id)
     with transaction.atomic():
         lease_step(lease_id=lease.pk, claim=owner, **left)
         if ending:
@@ -421,6 +380,21 @@ def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
             **events.transferred(from_team=old_team, to_team=new_team),
         )
     return TransferOutcome(lease.pk, lease.email, "transferred", f"{old_team.name} -> {new_team.name}")
+
+
+def leave_old_team(*, team: Team, email: str, member_id: str) -> events.Event:
+    """Free the member's seat in the team a transfer leaves, and say so as the ``left_old_team``
+    event: freed (how), or skipped because the team is dead (already, or as this call found).
+    Other provider errors raise ``TeamCallError``."""
+    if team.is_dead:
+        return events.left_old_team(team=team, skipped="team is dead: the removal was skipped")
+    try:
+        freed = _call(team, "removal", lambda: seat_free(team=team, email=email, member_id=member_id))
+    except TeamCallError as exc:
+        if not _team_died(exc):
+            raise
+        return events.left_old_team(team=team, skipped=f"team is dead ({exc.__cause__}): the removal was skipped")
+    return events.left_old_team(team=team, freed=freed)
 
 
 def _withdraw_before_expiry(lease: MemberLease) -> Team:
@@ -525,71 +499,25 @@ def _honour_cancel(lease_id: int, owner: str) -> TransferOutcome:
 
 
 # -- runs ---------------------------------------------------------------------------------------------
-def _transfer_one(lease_id: int, now: datetime, owner: str) -> TransferOutcome:
-    """One lease, whatever happens to it: a database error on one lease is its outcome, not the
-    run's end."""
+def guarded(lease_id: int, step: Callable[[], TransferOutcome]) -> TransferOutcome:
+    """One lease's step, whatever happens to it: a database error on one lease is its outcome,
+    not the run's end."""
     try:
-        return lease_transfer(lease_id=lease_id, owner=owner, now=now)
+        return step()
     except DatabaseError as exc:
         logger.exception("transfer of lease %s hit a database error", lease_id)
         close_old_connections()
         return TransferOutcome(lease_id, "", "skipped", f"database error: {type(exc).__name__}")
 
 
-def _transfer_in_thread(pending: SimpleQueue[int], now: datetime, owner: str) -> list[TransferOutcome]:
-    """One pool thread: move leases from ``pending`` until none is left, on one database
-    connection closed at the end (a new connection per lease costs PostgreSQL a fresh backend
-    each time, which doubled its CPU per transfer)."""
-    outcomes = []
-    try:
-        while True:
-            try:
-                lease_id = pending.get_nowait()
-            except Empty:
-                return outcomes
-            outcomes.append(_transfer_one(lease_id, now, owner))
-            close_old_connections()  # a broken connection is not reused for the next lease
-    finally:
-        connection.close()
-
-
 def transfers_run(
     *, email: str | None = None, limit: int | None = None, now: datetime | None = None, owner: str | None = None
 ) -> TransferRunResult:
-    """Claim and move due leases in batches until none is left (or ``limit`` were claimed)."""
-    owner = owner or f"transfer-{uuid.uuid4().hex[:12]}"
-    result = TransferRunResult()
-    batch_size = settings.LEASE_TRANSFER_BATCH_SIZE
-    concurrency = settings.LEASE_TRANSFER_CONCURRENCY
-    while limit is None or result.claimed < limit:
-        moment = now or timezone.now()
-        size = batch_size if limit is None else min(batch_size, limit - result.claimed)
-        ids = leases_claim_due(owner=owner, batch_size=size, email=email, now=moment)
-        if not ids:
-            break
-        result.claimed += len(ids)
-        # Threads (the pool's, the claim keeper's) have their own connections: they cannot see
-        # rows of a caller's open transaction, so inside one everything runs in line.
-        own_transaction = not connection.in_atomic_block
-        threaded = concurrency > 1 and len(ids) > 1 and own_transaction
-        try:
-            with ClaimKeeper(owner=owner, lease_ids=ids) if own_transaction else contextlib.nullcontext():
-                if threaded:
-                    pending: SimpleQueue[int] = SimpleQueue()
-                    for pk in ids:
-                        pending.put(pk)
-                    threads = min(concurrency, len(ids))
-                    with ThreadPoolExecutor(max_workers=threads) as pool:
-                        done = pool.map(_transfer_in_thread, [pending] * threads, [moment] * threads, [owner] * threads)
-                        position = {pk: index for index, pk in enumerate(ids)}
-                        outcomes = sorted((o for chunk in done for o in chunk), key=lambda o: position[o.lease_id])
-                else:
-                    outcomes = [_transfer_one(pk, moment, owner) for pk in ids]
-        finally:
-            leases_release(lease_ids=ids, owner=owner)
-        result.outcomes.extend(outcomes)
-        for outcome in outcomes:
-            logger.info("transfer lease=%s %s %s", outcome.lease_id, outcome.outcome, outcome.detail)
+    """Claim and move due leases until none is left (or ``limit`` were claimed), with up to
+    ``LEASE_TRANSFER_CONCURRENCY`` provider calls in flight (``leases.services.transfer_run``)."""
+    from leases.services.transfer_run import TransferRun
+
+    result = TransferRun(owner=owner or f"transfer-{uuid.uuid4().hex[:12]}", now=now, email=email, limit=limit).run()
     if result.claimed:
         # Expiries and cancels of this run freed seats: the waiting list goes first.
         from leases.services.waiting import waiting_drain

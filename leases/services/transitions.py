@@ -228,7 +228,7 @@ def _write_fields_postgresql(leases: list[MemberLease], attnames: list[str]) -> 
 def _insert_events(events: list[LeaseEvent]) -> None:
     """``bulk_create`` of the events; on PostgreSQL one ``INSERT … SELECT FROM unnest(...)`` with
     one array per column (Django's bulk_create prepares every field of every row in Python)."""
-    if connection.vendor != "postgresql" or len(events) < 50:
+    if connection.vendor != "postgresql":
         LeaseEvent.objects.bulk_create(events, batch_size=500)
         return
     meta = LeaseEvent._meta
@@ -273,34 +273,100 @@ def _room_q(now: datetime) -> Q:
     )
 
 
-def _seat_take(team_id: int, now: datetime) -> bool:
-    """One seat more in ``team_id`` if it has room, re-checked by the database on the row it locks
-    (a concurrent taker waits for our commit, then sees the new count)."""
-    return Team.objects.filter(_room_q(now), pk=team_id).update(seats_taken=F("seats_taken") + 1) == 1
+def _seat_take(team_id: int, now: datetime, count: int = 1) -> bool:
+    """``count`` seats more in ``team_id`` if it has room for all of them, re-checked by the
+    database on the row it locks (a concurrent taker waits for our commit, then sees the new
+    count)."""
+    room = _room_q(now) & Q(seats_taken__lte=F("capacity") - count)
+    return Team.objects.filter(room, pk=team_id).update(seats_taken=F("seats_taken") + count) == 1
 
 
 def _seat_move(team_id: int, delta: int) -> None:
     Team.objects.filter(pk=team_id).update(seats_taken=F("seats_taken") + delta)
 
 
-def _seats_apply(before: Counter[int], after: Counter[int], now: datetime) -> int | None:
-    """Move the counters from ``before`` to ``after`` (team id -> seats one lease holds), team rows
-    in primary-key order (no deadlock between two transitions). Returns the team id whose seat
-    could not be taken (everything this call did undone), or None."""
-    applied: list[tuple[int, int]] = []
-    for team_id in sorted(set(before) | set(after)):
-        delta = after[team_id] - before[team_id]
-        if delta == 0:
+def _seats_apply(moves: dict[int, tuple[Counter[int], Counter[int]]], now: datetime) -> dict[int, int]:
+    """Move the counters for several leases at once: ``moves`` maps a lease id to the seats it
+    holds (team id -> seats) before and after its change. The seats taken in a team are one
+    conditional UPDATE for the whole batch (room for all of them) — or, when that finds no room
+    for all, lease by lease, in lease order; the seats given back are one UPDATE for every team
+    together. Team rows are locked in primary-key order first, so two transitions never deadlock.
+
+    Returns lease id -> the team whose seat it could not take. Such a lease changes nothing: what
+    the batch took for it at other teams is given back in the same UPDATE."""
+    per_team: dict[int, dict[int, int]] = {}
+    for lease_id, (before, after) in moves.items():
+        for team_id in set(before) | set(after):
+            delta = after[team_id] - before[team_id]
+            if delta:
+                per_team.setdefault(team_id, {})[lease_id] = delta
+    teams_lock(per_team)
+    full: dict[int, int] = {}
+    taken: dict[int, list[int]] = {}  # lease id -> teams where it took a seat
+    for team_id in sorted(per_team):
+        takers = sorted(lease_id for lease_id, d in per_team[team_id].items() if d > 0 and lease_id not in full)
+        for lease_id in takers:
+            if per_team[team_id][lease_id] != 1:  # a lease holds at most one seat per team
+                full[lease_id] = team_id
+        takers = [lease_id for lease_id in takers if lease_id not in full]
+        if not takers:
             continue
-        if delta > 0:
-            if delta != 1 or not _seat_take(team_id, now):
-                for done_id, done_delta in reversed(applied):
-                    _seat_move(done_id, -done_delta)
-                return team_id
+        if _seat_take(team_id, now, len(takers)):
+            won = takers
+        elif len(takers) == 1:
+            won = []
         else:
+            won = [lease_id for lease_id in takers if _seat_take(team_id, now)]
+        for lease_id in takers:
+            if lease_id in won:
+                taken.setdefault(lease_id, []).append(team_id)
+            else:
+                full[lease_id] = team_id
+    given_back: Counter[int] = Counter()
+    for team_id, deltas in per_team.items():
+        for lease_id, delta in deltas.items():
+            if lease_id not in full and delta < 0:
+                given_back[team_id] += delta
+    for lease_id in full:
+        for team_id in taken.get(lease_id, []):
+            given_back[team_id] -= 1
+    _seats_move({team_id: delta for team_id, delta in given_back.items() if delta})
+    return full
+
+
+def teams_lock(team_ids: Iterable[int]) -> None:
+    """Lock these team rows in primary-key order (PostgreSQL; SQLite locks the whole database),
+    for a transaction that moves the counters of several teams in more than one statement.
+
+    ``FOR NO KEY UPDATE``, the lock an UPDATE of the counter takes itself: ``FOR UPDATE`` would
+    also block the foreign-key checks (``FOR KEY SHARE``) of a lease written into the team, and
+    two transfer runs deadlocked on that."""
+    team_ids = sorted(set(team_ids))
+    if len(team_ids) > 1 and connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            table, pk = connection.ops.quote_name(Team._meta.db_table), connection.ops.quote_name(Team._meta.pk.column)
+            # Names come from the model's meta, ids are a parameter.
+            cursor.execute(f"SELECT 1 FROM {table} WHERE {pk} = ANY(%s) ORDER BY {pk} FOR NO KEY UPDATE", [team_ids])  # noqa: S608
+
+
+def _seats_move(deltas: dict[int, int]) -> None:
+    """Add ``deltas`` (team id -> seats) to the teams' counters: one UPDATE on PostgreSQL."""
+    if not deltas:
+        return
+    if connection.vendor != "postgresql" or len(deltas) == 1:
+        for team_id, delta in sorted(deltas.items()):
             _seat_move(team_id, delta)
-        applied.append((team_id, delta))
-    return None
+        return
+    table, pk = connection.ops.quote_name(Team._meta.db_table), connection.ops.quote_name(Team._meta.pk.column)
+    column = connection.ops.quote_name(Team._meta.get_field("seats_taken").column)
+    ids = sorted(deltas)
+    with connection.cursor() as cursor:
+        # Names come from the model's meta, values are parameters.
+        cursor.execute(
+            f"UPDATE {table} SET {column} = {table}.{column} + v.delta "  # noqa: S608
+            f"FROM unnest(%s::bigint[], %s::integer[]) AS v(id, delta) WHERE {table}.{pk} = v.id",
+            [ids, [deltas[team_id] for team_id in ids]],
+        )
 
 
 def seat_take_first(*, teams: Iterable[Team], attempt: Callable[[Team], T]) -> tuple[Team, T] | None:
@@ -382,9 +448,8 @@ def leases_transition(
         locked = list(MemberLease.objects.filter(pk__in=ids).order_by("pk").select_for_update(of=("self",)))
         found = {lease.pk for lease in locked}
         result.missing = [pk for pk in ids if pk not in found]
-        to_save: list[MemberLease] = []
-        events: list[LeaseEvent] = []
-        fields_written: set[str] = {"status"}
+        candidates: list[tuple[MemberLease, str, str, dict[str, Any]]] = []
+        seat_moves: dict[int, tuple[Counter[int], Counter[int]]] = {}
         for lease in locked:
             from_status = lease.status
             new_status = target or from_status
@@ -415,18 +480,25 @@ def leases_transition(
                 values.setdefault("claimed_by", "")
                 values.setdefault("cancel_requested_at", None)
                 values.setdefault("next_attempt_at", None)
-            snapshot = {name: getattr(lease, name) for name in values}
+            # By attname: reading a foreign key through its descriptor would load the team.
+            snapshot = {(f := MemberLease._meta.get_field(name)).attname: getattr(lease, f.attname) for name in values}
             for name, value in values.items():
                 setattr(lease, name, value)
             seats_after = seat_counts_of(new_status, lease.team_id, lease.transfer_team_id)
             if seats_after != seats_before:
-                full_team = _seats_apply(seats_before, seats_after, now)
-                if full_team is not None:
-                    for name, value in snapshot.items():
-                        setattr(lease, name, value)
-                    result.full.append(TeamFullError(lease.pk, full_team))
-                    continue
-            for name in values:
+                seat_moves[lease.pk] = (seats_before, seats_after)
+            candidates.append((lease, from_status, new_status, snapshot))
+        full = _seats_apply(seat_moves, now) if seat_moves else {}
+        to_save: list[MemberLease] = []
+        events: list[LeaseEvent] = []
+        fields_written: set[str] = {"status"}
+        for lease, from_status, new_status, snapshot in candidates:
+            if lease.pk in full:
+                for name, value in snapshot.items():
+                    setattr(lease, name, value)
+                result.full.append(TeamFullError(lease.pk, full[lease.pk]))
+                continue
+            for name in snapshot:
                 fields_written.add(MemberLease._meta.get_field(name).attname)
             lease.status = new_status
             to_save.append(lease)

@@ -34,11 +34,13 @@ workers = h3.workers
 
 
 def test_connections_killed_mid_transfer(provider, make_team, make_lease, workers):
-    """Two leases in flight in one worker (two threads, two pools): A is inside its invite POST,
-    B inside its DELETE from the old team. Every connection of the worker is terminated, then the
-    provider answers (and acts). Neither write lands; on the next run both leases complete: A's
-    second invite is answered 409 (already invited: done), B's removal is done again (404 or 204)
-    — one membership each, one ``transferred`` each."""
+    """Two leases in flight in one worker (two call threads, two pools): A is inside its invite
+    POST, B inside its DELETE from the old team. Every connection of the worker is terminated, then
+    the provider answers (and acts). The first write after the kill breaks and does not land; the
+    run goes on with a new connection, so the other lease's answer is recorded and that lease
+    finishes in this run. The next run completes the interrupted one: A's second invite is
+    answered 409 (already invited: done), B's removal is done again (404 or 204) — one membership
+    each, one ``transferred`` each."""
     old_a, new_a = make_team("old-a", capacity=1, pool="a"), make_team("new-a", capacity=1, pool="a")
     old_b, new_b = make_team("old-b", capacity=1, pool="b"), make_team("new-b", capacity=1, pool="b")
     a = due_lease(make_lease, provider, old_a, email="a@example.com")
@@ -64,8 +66,13 @@ def test_connections_killed_mid_transfer(provider, make_team, make_lease, worker
     assert worker.poll() is None
     a.refresh_from_db()
     b.refresh_from_db()
-    assert (a.status, a.transfer_step) == (LeaseStatus.TRANSFERRING, TransferStep.NONE)  # the invite was not recorded
-    assert (b.status, b.transfer_step) == (LeaseStatus.TRANSFERRING, TransferStep.INVITED)  # nor was the removal
+    # Each lease is either where its last record before the kill left it, or finished; the write
+    # the kill broke did not land, so at least one of them is not finished.
+    a_interrupted = (a.status, a.transfer_step) == (LeaseStatus.TRANSFERRING, TransferStep.NONE)
+    b_interrupted = (b.status, b.transfer_step) == (LeaseStatus.TRANSFERRING, TransferStep.INVITED)
+    assert a_interrupted or (a.status, a.team) == (LeaseStatus.PENDING, new_a), (a.status, a.transfer_step)
+    assert b_interrupted or (b.status, b.team) == (LeaseStatus.PENDING, new_b), (b.status, b.transfer_step)
+    assert a_interrupted or b_interrupted
 
     processes.wait_for(lambda: claims_lapsed([a.pk, b.pk]), timeout=30, what="the claims to be free")
     send_run_transfers()
@@ -81,7 +88,8 @@ def test_connections_killed_mid_transfer(provider, make_team, make_lease, worker
         assert lease.events.filter(action=LeaseAction.TRANSFERRED).count() == 1
         assert lease.events.filter(action=LeaseAction.LEFT_OLD_TEAM).count() == 1
         assert seats_of(provider, lease.email, [old, new]) == [new.name]
-    assert provider.state.posts("new-a", a.email) == 2  # the second one answered 409: one invite
+    # An interrupted A was invited again (answered 409: one invite); a finished A only once.
+    assert provider.state.posts("new-a", a.email) == (2 if a_interrupted else 1)
     assert provider.state.posts("new-b", b.email) == 1  # B's invite was recorded before the fault
     assert_capacity_respected(provider, [old_a, new_a, old_b, new_b])
 
