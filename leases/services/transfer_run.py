@@ -8,8 +8,8 @@ its own steps in order (claim → start → invite → record → remove → rec
 → record", never a row lock across an HTTP call), but no lease waits for another's call: while
 one is inside a slow invite, the others are removed and recorded.
 
-1. **Claim** due leases until ``LEASE_TRANSFER_BATCH_SIZE`` are in flight, topping up whenever a
-   quarter of them is done: the call threads never run dry, and the more answers arrive together
+1. **Claim** due leases until ``LEASE_TRANSFER_BATCH_SIZE`` are in flight, topping up whenever
+   half of them is done: the call threads never run dry, and the more answers arrive together
    the fewer records they cost. A heartbeat thread renews the claims of every lease in flight.
 2. **Start** the batch's active leases in one transition (``active → transferring``): targets are
    chosen for the whole batch from one read of the pool's teams and one of the emails' seats (the
@@ -240,9 +240,9 @@ class TransferRun:
 
     def _may_claim(self) -> bool:
         """Up to ``LEASE_TRANSFER_BATCH_SIZE`` leases are in flight: the more answers arrive
-        together, the fewer records they cost. The run tops up once a quarter of them is done
-        (one claim query per few leases, not per lease)."""
-        if self.nothing_due or len(self.in_flight) > self.batch_size - max(1, self.batch_size // 4):
+        together, the fewer records they cost. The run tops up once half of them is done (a
+        claim and a start for many leases, not a few)."""
+        if self.nothing_due or len(self.in_flight) > self.batch_size - max(1, self.batch_size // 2):
             return False
         return self.limit is None or self.result.claimed < self.limit
 

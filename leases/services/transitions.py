@@ -281,14 +281,40 @@ def _seat_take(team_id: int, now: datetime, count: int = 1) -> bool:
     return Team.objects.filter(room, pk=team_id).update(seats_taken=F("seats_taken") + count) == 1
 
 
+def _seats_take_many(counts: dict[int, int], now: datetime) -> set[int]:
+    """Take ``counts`` (team id -> seats) at once, each team all or nothing under the room rule
+    of ``_room_q``; returns the teams that took theirs. One UPDATE on PostgreSQL (the rule
+    compiled once by the ORM, then applied to every team of the batch), one per team elsewhere."""
+    if not counts:
+        return set()
+    if connection.vendor != "postgresql" or len(counts) == 1:
+        return {team_id for team_id, count in sorted(counts.items()) if _seat_take(team_id, now, count)}
+    query = Team.objects.filter(_room_q(now)).query
+    room_sql, room_params = query.where.as_sql(query.get_compiler(connection=connection), connection)
+    table, pk = connection.ops.quote_name(Team._meta.db_table), connection.ops.quote_name(Team._meta.pk.column)
+    taken = connection.ops.quote_name(Team._meta.get_field("seats_taken").column)
+    capacity = connection.ops.quote_name(Team._meta.get_field("capacity").column)
+    ids = sorted(counts)
+    with connection.cursor() as cursor:
+        # Names come from the model's meta and the room rule from the ORM; values are parameters.
+        cursor.execute(
+            f"UPDATE {table} SET {taken} = {table}.{taken} + v.n "  # noqa: S608
+            f"FROM unnest(%s::bigint[], %s::integer[]) AS v(id, n) "
+            f"WHERE {table}.{pk} = v.id AND {table}.{taken} + v.n <= {table}.{capacity} AND {room_sql} "
+            f"RETURNING {table}.{pk}",
+            [ids, [counts[team_id] for team_id in ids], *room_params],
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
 def _seat_move(team_id: int, delta: int) -> None:
     Team.objects.filter(pk=team_id).update(seats_taken=F("seats_taken") + delta)
 
 
 def _seats_apply(moves: dict[int, tuple[Counter[int], Counter[int]]], now: datetime) -> dict[int, int]:
     """Move the counters for several leases at once: ``moves`` maps a lease id to the seats it
-    holds (team id -> seats) before and after its change. The seats taken in a team are one
-    conditional UPDATE for the whole batch (room for all of them) — or, when that finds no room
+    holds (team id -> seats) before and after its change. The seats taken are one conditional
+    UPDATE for the whole batch (each team: room for all of its takers) — where a team has no room
     for all, lease by lease, in lease order; the seats given back are one UPDATE for every team
     together. Team rows are locked in primary-key order first, so two transitions never deadlock.
 
@@ -302,22 +328,24 @@ def _seats_apply(moves: dict[int, tuple[Counter[int], Counter[int]]], now: datet
                 per_team.setdefault(team_id, {})[lease_id] = delta
     teams_lock(per_team)
     full: dict[int, int] = {}
-    taken: dict[int, list[int]] = {}  # lease id -> teams where it took a seat
+    takers: dict[int, list[int]] = {}  # team id -> the leases taking a seat there, in lease order
     for team_id in sorted(per_team):
-        takers = sorted(lease_id for lease_id, d in per_team[team_id].items() if d > 0 and lease_id not in full)
-        for lease_id in takers:
-            if per_team[team_id][lease_id] != 1:  # a lease holds at most one seat per team
+        for lease_id, delta in sorted(per_team[team_id].items()):
+            if delta > 1:  # a lease holds at most one seat per team
                 full[lease_id] = team_id
-        takers = [lease_id for lease_id in takers if lease_id not in full]
-        if not takers:
-            continue
-        if _seat_take(team_id, now, len(takers)):
-            won = takers
-        elif len(takers) == 1:
+            elif delta == 1:
+                takers.setdefault(team_id, []).append(lease_id)
+    takers = {team_id: [n for n in ids if n not in full] for team_id, ids in takers.items()}
+    took_all = _seats_take_many({team_id: len(ids) for team_id, ids in takers.items() if ids}, now)
+    taken: dict[int, list[int]] = {}  # lease id -> teams where it took a seat
+    for team_id, ids in sorted(takers.items()):
+        if team_id in took_all:
+            won = ids
+        elif len(ids) <= 1:
             won = []
-        else:
-            won = [lease_id for lease_id in takers if _seat_take(team_id, now)]
-        for lease_id in takers:
+        else:  # no room for all of them: lease by lease, in lease order
+            won = [lease_id for lease_id in ids if _seat_take(team_id, now)]
+        for lease_id in ids:
             if lease_id in won:
                 taken.setdefault(lease_id, []).append(team_id)
             else:
@@ -444,7 +472,9 @@ def leases_transition(
         return result
     narrowed = set(expect_from) if expect_from is not None else None
     now = timezone.now()
-    with transaction.atomic():
+    # Inside a caller's transaction, part of it (no savepoint round trips): nothing in here is
+    # caught and carried on from — a refusal is reported in the result, after the block.
+    with transaction.atomic(savepoint=False):
         locked = list(MemberLease.objects.filter(pk__in=ids).order_by("pk").select_for_update(of=("self",)))
         found = {lease.pk for lease in locked}
         result.missing = [pk for pk in ids if pk not in found]
@@ -491,7 +521,8 @@ def leases_transition(
         full = _seats_apply(seat_moves, now) if seat_moves else {}
         to_save: list[MemberLease] = []
         events: list[LeaseEvent] = []
-        fields_written: set[str] = {"status"}
+        # A step that changes no field writes only its event (the row stays locked till commit).
+        fields_written: set[str] = {"status"} if target is not None else set()
         for lease, from_status, new_status, snapshot in candidates:
             if lease.pk in full:
                 for name, value in snapshot.items():
@@ -515,7 +546,8 @@ def leases_transition(
             )
             result.changed.append(lease)
         if to_save:
-            _write_fields(to_save, sorted(fields_written))
+            if fields_written:
+                _write_fields(to_save, sorted(fields_written))
             _insert_events(events)
     return result
 
