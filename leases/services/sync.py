@@ -22,6 +22,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db import close_old_connections, connection
@@ -62,6 +63,17 @@ class TeamSyncResult:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "details"}
+
+
+class OpenLease(NamedTuple):
+    """What the sync reads of a team's pending and active leases."""
+
+    pk: int
+    email: str
+    status: str
+    invited_at: datetime | None
+    missed_syncs: int
+    provider_member_id: str
 
 
 def _record_team_seen(team: Team, *, members: int | None, invites: int | None, error: str) -> None:
@@ -128,9 +140,8 @@ def _sync_locked(team: Team, email: str | None, result: TeamSyncResult) -> None:
     leases = MemberLease.objects.filter(team=team, status__in=(LeaseStatus.PENDING, LeaseStatus.ACTIVE))
     if email:
         leases = leases.filter(email__iexact=email)
-    leases = list(
-        leases.only("pk", "email", "status", "created_at", "invited_at", "missed_syncs", "provider_member_id")
-    )
+    # Plain rows, not model instances: a team of 1,000 leases is read for a few fields.
+    leases = [OpenLease(*row) for row in leases.values_list(*OpenLease._fields)]
 
     if not members and any(lease.status == LeaseStatus.ACTIVE for lease in leases):
         seated = MemberLease.objects.filter(team=team, status=LeaseStatus.ACTIVE).count()

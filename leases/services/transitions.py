@@ -225,39 +225,49 @@ def _write_fields_postgresql(leases: list[MemberLease], attnames: list[str]) -> 
         cursor.execute(sql, [*shared_params, pks, *array_params])
 
 
-def _insert_events(events: list[LeaseEvent]) -> None:
-    """``bulk_create`` of the events; on PostgreSQL one ``INSERT … SELECT FROM unnest(...)`` with
-    one array per column (Django's bulk_create prepares every field of every row in Python)."""
+def _insert_events(rows: list[dict[str, Any]]) -> None:
+    """Write the events, given as field values by attname (``lease_id``, ``action``, ...). On
+    PostgreSQL one ``INSERT … SELECT FROM unnest(...)``: an array for a column whose values
+    differ, one parameter for a value every event shares (a join sync's 500 activations share
+    their action, statuses, actor and time) — neither Django's bulk_create, which prepares every
+    field of every row in Python, nor 500 model instances first. Elsewhere ``bulk_create``."""
     if connection.vendor != "postgresql":
-        LeaseEvent.objects.bulk_create(events, batch_size=500)
+        LeaseEvent.objects.bulk_create([LeaseEvent(**row) for row in rows], batch_size=500)
         return
     meta = LeaseEvent._meta
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
     quote = connection.ops.quote_name
     columns: list[str] = []
     sources: list[str] = []
     selected: list[str] = []
-    params: list[list[Any]] = []
-    for model_field in fields:
+    params: list[Any] = []
+    scalars: list[Any] = []
+    for model_field in [f for f in meta.concrete_fields if not f.primary_key]:
         db_type = model_field.db_type(connection)
-        columns.append(quote(model_field.column))
+        raw = [row.get(model_field.attname) for row in rows]
         if db_type == "jsonb":  # as text, cast in SQL (psycopg would adapt each value on its own)
-            raw = [getattr(event, model_field.attname) for event in events]
-            params.append([None if v is None else json.dumps(v, cls=model_field.encoder) for v in raw])
-            sources.append("%s::text[]")
-            selected.append(f"c{len(selected)}::jsonb")
+            values = [None if v is None else json.dumps(v, cls=model_field.encoder) for v in raw]
+            db_type, cast = "text", "::jsonb"
         else:
-            params.append(
-                [model_field.get_db_prep_save(getattr(event, model_field.attname), connection) for event in events]
-            )
+            values = [model_field.get_db_prep_save(v, connection) for v in raw]
+            cast = ""
+        columns.append(quote(model_field.column))
+        if all(value == values[0] for value in values[1:]):
+            selected.append(f"%s::{db_type}{cast}")
+            scalars.append(values[0])
+        else:
+            name = f"c{len(sources)}"
             sources.append(f"%s::{db_type}[]")
-            selected.append(f"c{len(selected)}")
-    names = ", ".join(f"c{n}" for n in range(len(fields)))
+            params.append(values)
+            selected.append(f"v.{name}{cast}")
+    if not sources:  # every value shared (one event, say): the unnest needs one array to count rows
+        sources.append("%s::integer[]")
+        params.append([0] * len(rows))
+    names = ", ".join(f"c{n}" for n in range(len(sources)))
     # Names come from the model's meta, values are parameters: nothing a caller typed is SQL.
     sql = f"INSERT INTO {quote(meta.db_table)} ({', '.join(columns)}) SELECT {', '.join(selected)} "
     sql += f"FROM unnest({', '.join(sources)}) AS v({names})"
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, [*scalars, *params])
 
 
 # -- seats ---------------------------------------------------------------------------------------------
@@ -520,7 +530,7 @@ def leases_transition(
             candidates.append((lease, from_status, new_status, snapshot))
         full = _seats_apply(seat_moves, now) if seat_moves else {}
         to_save: list[MemberLease] = []
-        events: list[LeaseEvent] = []
+        events: list[dict[str, Any]] = []
         # A step that changes no field writes only its event (the row stays locked till commit).
         fields_written: set[str] = {"status"} if target is not None else set()
         for lease, from_status, new_status, snapshot in candidates:
@@ -534,15 +544,15 @@ def leases_transition(
             lease.status = new_status
             to_save.append(lease)
             events.append(
-                LeaseEvent(
-                    lease=lease,
-                    action=action,
-                    from_status=from_status,
-                    to_status=new_status,
-                    actor_id=actor_id,
-                    created_at=now,
-                    detail=_resolve(detail, lease),
-                )
+                {
+                    "lease_id": lease.pk,
+                    "action": action,
+                    "from_status": from_status,
+                    "to_status": new_status,
+                    "actor_id": actor_id,
+                    "created_at": now,
+                    "detail": _resolve(detail, lease),
+                }
             )
             result.changed.append(lease)
         if to_save:
