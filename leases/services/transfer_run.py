@@ -154,7 +154,13 @@ class CallThreads:
     def submit(self, answer: Answer, job: Callable[[], Any]) -> None:
         self._jobs.put((answer, job))
 
-    def close(self) -> None:
+    def close(self, *, cancel: bool = False) -> None:
+        """Let the threads finish and end; ``cancel`` drops the jobs not started yet (a run that
+        failed makes no more provider calls whose answers nobody would record)."""
+        if cancel:
+            with contextlib.suppress(Empty):
+                while True:
+                    self._jobs.get_nowait()
         for _ in self._threads:
             self._jobs.put(None)
         for thread in self._threads:
@@ -177,7 +183,7 @@ class InlineCalls:
     def submit(self, answer: Answer, job: Callable[[], Any]) -> None:
         run_job(answer, job, self._answers)
 
-    def close(self) -> None:
+    def close(self, *, cancel: bool = False) -> None:
         pass
 
 
@@ -218,6 +224,7 @@ class TransferRun:
         threaded = own_transaction and self.concurrency > 1
         self.calls = CallThreads(self.concurrency, self.answers) if threaded else InlineCalls(self.answers)
         keeper = ClaimKeeper(owner=self.owner, lease_ids=self._held) if own_transaction else contextlib.nullcontext()
+        finished = False
         try:
             with keeper:
                 while True:
@@ -226,8 +233,9 @@ class TransferRun:
                     if not self.in_flight:
                         break
                     self._gather()
+            finished = True
         finally:
-            self.calls.close()
+            self.calls.close(cancel=not finished)
             left = self._held()
             if left:  # a run ended by an exception: what it holds is free for the next run at once
                 leases_release(lease_ids=left, owner=self.owner)
