@@ -59,6 +59,7 @@ from leases.services.transfers import (
     _call,
     _entitlement_over,
     _record_failure,
+    arrival_changes,
     guarded,
     lease_transfer,
     leases_claim_due,
@@ -403,18 +404,7 @@ class TransferRun:
                 action=LeaseAction.TRANSFERRED,
                 claim=self.owner,
                 expect_from=[LeaseStatus.TRANSFERRING],
-                changes=lambda lease: {
-                    "team": by_id[lease.pk].target,
-                    "invited_at": timezone.now(),
-                    "joined_at": None,
-                    "expires_at": None,
-                    "provider_member_id": "",
-                    "missed_syncs": 0,
-                    "attempts": 0,
-                    "next_attempt_at": None,
-                    "last_error": "",
-                    **UNCLAIMED,
-                },
+                changes=lambda lease: arrival_changes(by_id[lease.pk].target),
                 detail=lambda lease: events.transferred(
                     from_team=by_id[lease.pk].old_team, to_team=by_id[lease.pk].target
                 )["detail"],

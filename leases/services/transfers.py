@@ -365,18 +365,7 @@ def _advance(lease: MemberLease, now: datetime, owner: str) -> TransferOutcome:
             to_status=LeaseStatus.PENDING,
             claim=owner,
             expect_from=[LeaseStatus.TRANSFERRING],
-            changes={
-                "team": new_team,
-                "invited_at": timezone.now(),
-                "joined_at": None,
-                "expires_at": None,
-                "provider_member_id": "",
-                "missed_syncs": 0,
-                "attempts": 0,
-                "next_attempt_at": None,
-                "last_error": "",
-                **UNCLAIMED,
-            },
+            changes=arrival_changes(new_team),
             **events.transferred(from_team=old_team, to_team=new_team),
         )
     return TransferOutcome(lease.pk, lease.email, "transferred", f"{old_team.name} -> {new_team.name}")
@@ -395,6 +384,23 @@ def leave_old_team(*, team: Team, email: str, member_id: str) -> events.Event:
             raise
         return events.left_old_team(team=team, skipped=f"team is dead ({exc.__cause__}): the removal was skipped")
     return events.left_old_team(team=team, freed=freed)
+
+
+def arrival_changes(team: Team) -> dict[str, object]:
+    """What ``transferring → pending`` writes: seated (invited) in ``team`` now, its term to start
+    when the member joins there, the transfer's bookkeeping and claim let go."""
+    return {
+        "team": team,
+        "invited_at": timezone.now(),
+        "joined_at": None,
+        "expires_at": None,
+        "provider_member_id": "",
+        "missed_syncs": 0,
+        "attempts": 0,
+        "next_attempt_at": None,
+        "last_error": "",
+        **UNCLAIMED,
+    }
 
 
 def _withdraw_before_expiry(lease: MemberLease) -> Team:
