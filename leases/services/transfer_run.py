@@ -216,6 +216,7 @@ class TransferRun:
         # be theirs, and would come back forever); the next run does.
         self.not_again: set[int] = set()
         self.nothing_due = False
+        self.unanswered = 0  # jobs sent whose answer this thread has not read yet
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> TransferRunResult:
@@ -231,7 +232,7 @@ class TransferRun:
                 while True:
                     if self._may_claim():
                         self._claim()
-                    if not self.in_flight:
+                    if not self.in_flight and not self.unanswered:
                         break
                     self._gather()
             finished = True
@@ -260,8 +261,14 @@ class TransferRun:
         size = self.batch_size - len(self.in_flight)
         if self.limit is not None:
             size = min(size, self.limit - self.result.claimed)
+        # Not a lease still in flight here: its one-lease job may have let it go (a retry at once)
+        # before its answer reached this thread; it is claimed again once that answer is in.
         ids = leases_claim_due(
-            owner=self.owner, batch_size=size, email=self.email, now=moment, exclude_ids=self.not_again
+            owner=self.owner,
+            batch_size=size,
+            email=self.email,
+            now=moment,
+            exclude_ids=[*self.not_again, *self.in_flight],
         )
         if not ids:
             self.nothing_due = True
@@ -285,6 +292,7 @@ class TransferRun:
                 answers.append(self.answers.get(timeout=max(0.0, deadline - time.monotonic())))
             except Empty:
                 break
+        self.unanswered -= len(answers)
         invited: list[Move] = []
         removed: list[Move] = []
         for answer in answers:
@@ -454,6 +462,7 @@ class TransferRun:
         return lambda: leave_old_team(team=team, email=email, member_id=member_id)
 
     def _send(self, kind: str, move: Move, job: Callable[[], Any]) -> None:
+        self.unanswered += 1
         self.calls.submit(Answer(kind=kind, lease_id=move.lease.pk, move=move), job)
 
     def _one_lease(self, lease_id: int, step: Callable[..., TransferOutcome], *args: Any) -> None:
@@ -465,6 +474,7 @@ class TransferRun:
             job = lambda: guarded(lease_id, lambda: lease_transfer(lease_id=lease_id, owner=owner, now=moment))  # noqa: E731
         else:
             job = lambda: guarded(lease_id, lambda: step(lease_id, *args, moment, owner))  # noqa: E731
+        self.unanswered += 1
         self.calls.submit(Answer(kind="lease", lease_id=lease_id, move=None), job)
 
     def _settle_refusals(self, result: Any) -> None:

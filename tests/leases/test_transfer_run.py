@@ -90,3 +90,40 @@ def test_one_slow_invite_does_not_hold_up_the_other_leases(provider, make_team, 
     assert outcome["result"].summary() == {"claimed": 5, "transferred": 5}
     slow.refresh_from_db()
     assert slow.status == LeaseStatus.PENDING and slow.team.name == "slow-to"
+
+
+def test_leases_let_go_and_claimed_again_in_one_run_report_every_outcome(provider, make_team, make_lease, settings):
+    """The only other team dies under the invites (402): each lease is let go for a retry at once,
+    claimed again by the same run, finds no team left and fails — and the run reports both
+    outcomes of every lease. (A lease let go by its one-lease job could be claimed again before
+    the run had read that job's answer; the run then lost count of it and ended with the second
+    attempts' outcomes missing.)"""
+    settings.LEASE_TRANSFER_CONCURRENCY = 3
+    settings.LEASE_TRANSFER_MAX_ATTEMPTS = 2
+    settings.LEASE_TRANSFER_BACKOFF_SECONDS = 0
+    old = make_team("old", capacity=3)
+    make_team("dying", capacity=5)
+    leases = [_due(make_lease, provider, old) for _ in range(3)]
+    provider.state.die("dying", 402)
+    # The three invites are held and answered together: their answers reach the run together too,
+    # after every one-lease job has let its lease go.
+    gate = provider.state.gate("POST", team="dying", path="invites", limit=3)
+    done = {}
+    runner = threading.Thread(target=lambda: (done.update(result=transfers_run()), connection.close()))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while gate.arrivals() < 3:
+            assert time.monotonic() < deadline, "the three invites never arrived"
+            time.sleep(0.02)
+    finally:
+        gate.open()
+        runner.join(30)
+    result = done["result"]
+
+    outcomes = sorted((o.lease_id, o.outcome) for o in result.outcomes)
+    assert outcomes == sorted([(lease.pk, "retry") for lease in leases] + [(lease.pk, "failed") for lease in leases])
+    assert result.claimed == 6
+    for lease in leases:
+        lease.refresh_from_db()
+        assert (lease.status, lease.team) == (LeaseStatus.FAILED, old)
