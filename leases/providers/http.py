@@ -27,7 +27,7 @@ import urllib3
 from django.conf import settings
 from requests import certs
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import NewConnectionError
 
 from leases.providers.base import (
     TEAM_DEAD_STATUSES,
@@ -192,9 +192,9 @@ class HttpTeamProvider:
                 redirect=False,
                 assert_same_host=False,
             )
-        except (ReadTimeoutError, urllib3.exceptions.TimeoutError) as exc:
+        except urllib3.exceptions.TimeoutError as exc:
             # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: a refusal is no timeout.
-            if isinstance(exc, NewConnectionError) or not isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+            if isinstance(exc, NewConnectionError):
                 raise ConnectionError("ConnectionError") from None
             raise TimeoutError from None
         except urllib3.exceptions.HTTPError:

@@ -53,7 +53,6 @@ from leases.models import LeaseAction, LeaseStatus, MemberLease, Team, TransferS
 from leases.providers import ProviderError, provider_for
 from leases.selectors import emails_seated_team_ids, rank_team_choices, teams_open_by_pool
 from leases.services.transfers import (
-    NoTargetTeamError,
     TransferOutcome,
     TransferRunResult,
     _call,
@@ -302,7 +301,7 @@ class TransferRun:
                 else:
                     self._finish(answer.value)
             elif answer.error is not None:
-                if isinstance(answer.error, ProviderError | NoTargetTeamError):
+                if isinstance(answer.error, ProviderError):
                     self._one_lease(answer.lease_id, _record_failure, answer.error)
                 else:
                     self._unexpected(answer.lease_id, answer.error)

@@ -1,10 +1,12 @@
 """The transfer executor: move leases whose term is over to the next team, or end them.
 
+This module is one lease's path (``lease_transfer``) and the pieces a run shares; a whole run —
+many leases in flight, their records written together — is ``leases.services.transfer_run``.
 Claim → call → record, never a row lock across an HTTP call, and one writer:
 
 1. **Claim** due leases (``select_for_update(skip_locked=True)`` on PostgreSQL, a conditional
    UPDATE per lease on SQLite) by writing ``claimed_until``/``claimed_by``. A heartbeat thread
-   renews the claims of the batch while it is worked on, and every write re-checks the claim
+   renews the claims of the run's leases while it works, and every write re-checks the claim
    (``claim=owner`` in the transition function): a lease whose claim lapsed (the process stalled
    longer than ``LEASE_CLAIM_TTL``) is ``StaleLease`` and left to whoever holds it now.
 2. **Start**: ``active → transferring`` with the target team chosen from the seat counters
